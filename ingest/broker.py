@@ -1,0 +1,46 @@
+"""The Celery configuration both sides share: broker, queue, timeouts. Tasks are sent by name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from ingest.messages import QUEUE
+from ingest.settings import Settings
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Settings for a Celery app on the configured Redis broker (no result backend)."""
+    return {
+        "broker_url": settings.redis_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_timeout": 5,
+        "broker_transport_options": {
+            # a task not acked within this many seconds is delivered again: it must be
+            # longer than the slowest archive (a 1 GB instance to a slow S3)
+            "visibility_timeout": settings.visibility_timeout,
+            "socket_timeout": 10,
+            "socket_connect_timeout": 5,
+            "retry_on_timeout": True,
+            "health_check_interval": 25,
+        },
+        "task_default_queue": QUEUE,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_send_task_events": True,
+        "task_send_sent_event": False,
+        "worker_hijack_root_logger": False,
+        "enable_utc": True,
+    }
+
+
+def make_celery(settings: Settings, main: str) -> Celery:
+    app = Celery(main, set_as_current=False)
+    app.conf.update(celery_config(settings))
+    return app

@@ -1,0 +1,206 @@
+"""The ``dicom-ingest`` command line. Flags override the INGEST_* environment variables."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ingest import __version__, logs
+from ingest.settings import Settings, SettingsError, from_env
+from ingest.spool import Spool
+
+DESCRIPTION = """\
+Queue-backed DICOM ingest. A Storage SCP makes every instance durable in a spool and
+answers at once; Celery workers on Redis validate it and archive it to S3 or a directory
+as {StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm.
+
+Settings come from INGEST_* environment variables (see the README); flags override them."""
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--spool",
+        dest="spool_dir",
+        type=Path,
+        help="spool root (INGEST_SPOOL_DIR, default ./data/spool)",
+    )
+    parser.add_argument("--redis", dest="redis_url", help="broker URL (INGEST_REDIS_URL)")
+    parser.add_argument(
+        "--archive",
+        dest="archive_url",
+        help="s3://BUCKET[/PREFIX], "
+        "file:///PATH or a path (INGEST_ARCHIVE_URL, default ./data/archive)",
+    )
+
+
+def _scp(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="listen address (INGEST_HOST, default 0.0.0.0)")
+    parser.add_argument("--port", type=int, help="listen port (INGEST_PORT, default 11112)")
+    parser.add_argument("--ae-title", help="our AE title (INGEST_AE_TITLE, default DICOM-INGEST)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dicom-ingest",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"dicom-ingest {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser(
+        "up",
+        help="run the whole pipeline here: embedded Redis (unless "
+        "INGEST_REDIS_URL is set), receiver and workers; Ctrl-C stops it",
+    )
+    _scp(up)
+    _common(up)
+    up.add_argument(
+        "--workers",
+        dest="worker_concurrency",
+        type=int,
+        help="worker processes (INGEST_WORKER_CONCURRENCY, default: one per core)",
+    )
+    up.add_argument(
+        "--data",
+        type=Path,
+        default=Path("./data"),
+        help="where the embedded Redis keeps its data (default ./data)",
+    )
+
+    receiver = sub.add_parser("receiver", help="run the Storage SCP (C-STORE, C-ECHO)")
+    _scp(receiver)
+    _common(receiver)
+
+    worker = sub.add_parser("worker", help="run a Celery worker that archives spool entries")
+    _common(worker)
+    worker.add_argument(
+        "--concurrency",
+        dest="worker_concurrency",
+        type=int,
+        help="worker processes (INGEST_WORKER_CONCURRENCY, default: cores)",
+    )
+
+    sweep = sub.add_parser(
+        "sweep",
+        help="one reconciliation pass: re-enqueue spool entries "
+        "no task finished, remove stale temporary files",
+    )
+    _common(sweep)
+    sweep.add_argument(
+        "--age",
+        dest="sweep_age",
+        type=float,
+        help="seconds after which an entry is re-enqueued (INGEST_SWEEP_AGE)",
+    )
+
+    status = sub.add_parser("status", help="spool depth, oldest entry, queue length")
+    _common(status)
+    status.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    names = (
+        "host",
+        "port",
+        "ae_title",
+        "spool_dir",
+        "redis_url",
+        "archive_url",
+        "worker_concurrency",
+        "sweep_age",
+    )
+    overrides: dict[str, Any] = {n: getattr(args, n, None) for n in names}
+    if overrides.get("redis_url"):
+        overrides["redis_url_explicit"] = True
+    return from_env(**overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+    except SettingsError as exc:
+        print(f"dicom-ingest: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_format, settings.log_level)
+    command = args.command
+    if command == "receiver":
+        from receiver import scp
+
+        return scp.run(settings)
+    if command == "worker":
+        from workers import app
+
+        return app.run(settings)
+    if command == "up":
+        from ingest import up
+
+        return up.run(settings, args.data)
+    if command == "sweep":
+        return _sweep(settings)
+    if command == "status":
+        return _status(settings, as_json=args.json)
+    raise AssertionError(command)
+
+
+def _sweep(settings: Settings) -> int:
+    from ingest.broker import make_celery
+    from receiver.publisher import publish
+    from receiver.sweeper import sweep_once
+
+    spool = Spool(settings.spool_dir)
+    spool.ensure()
+    app = make_celery(settings, "dicom-ingest-sweep")
+    result = sweep_once(spool, lambda rid: publish(app, rid), settings.sweep_age)
+    print(
+        f"requeued {result.requeued}, pending {result.pending}, orphans removed "
+        f"{result.removed_orphans}, temp files removed {result.removed_temp}"
+    )
+    if result.enqueue_failed:
+        print(
+            f"dicom-ingest: could not reach the broker at {settings.redis_url}; "
+            "nothing was lost, run the sweep again when it is back",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _status(settings: Settings, as_json: bool) -> int:
+    spool = Spool(settings.spool_dir)
+    spool.ensure()
+    ids = spool.receipt_ids()
+    oldest = None
+    if ids:
+        receipt = spool.read_receipt(ids[0])
+        oldest = time.time() - receipt.received_at if receipt else None
+    queue_length: int | None = None
+    try:
+        import redis
+
+        from ingest.messages import QUEUE
+
+        client = redis.Redis.from_url(
+            settings.redis_url, socket_connect_timeout=2, socket_timeout=2
+        )
+        queue_length = int(client.llen(QUEUE))
+    except Exception as exc:
+        print(f"dicom-ingest: broker unreachable at {settings.redis_url}: {exc}", file=sys.stderr)
+    report = {"spool_depth": len(ids), "oldest_age_seconds": oldest, "queue_length": queue_length}
+    if as_json:
+        print(json.dumps(report))
+    else:
+        age = "-" if oldest is None else f"{oldest:.0f} s"
+        queue = "unknown" if queue_length is None else str(queue_length)
+        print(f"spool depth {len(ids)}, oldest entry {age}, queue length {queue}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""Settings: every INGEST_* environment variable is read here, once, into a frozen dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PREFIX = "INGEST_"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DUPLICATE_POLICIES = ("reject", "overwrite", "version")
+LOG_FORMATS = ("text", "json")
+
+
+class SettingsError(ValueError):
+    """A setting has a value we cannot use; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the receiver, the workers and the CLI need to know, built at an entry point."""
+
+    host: str = "0.0.0.0"
+    port: int = 11112
+    ae_title: str = "DICOM-INGEST"
+    max_associations: int = 32
+    max_pdu: int = 0  # 0: unlimited (we accept whatever the sender proposes)
+    spool_dir: Path = Path("./data/spool")
+    redis_url: str = DEFAULT_REDIS_URL
+    redis_url_explicit: bool = False  # INGEST_REDIS_URL was set (``up`` starts Redis otherwise)
+    archive_url: str = "./data/archive"
+    sweep_interval: float = 60.0
+    sweep_age: float = 300.0
+    s3_endpoint: str = "s3.amazonaws.com"
+    s3_access_key: str = field(default="", repr=False)
+    s3_secret_key: str = field(default="", repr=False)
+    s3_secure: bool = True
+    s3_region: str = ""
+    allowed_calling_aets: tuple[str, ...] = ()
+    require_called_aet: bool = False
+    duplicate_policy: str = "reject"
+    spool_min_free_mb: int = 512
+    log_format: str = "text"
+    log_level: str = "INFO"
+    worker_concurrency: int = 0  # 0: one process per core
+    task_max_retries: int = 8
+    visibility_timeout: int = 3600
+
+    @property
+    def entries_dir(self) -> Path:
+        return self.spool_dir / "entries"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.spool_dir / "tmp"
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise SettingsError(f"{PREFIX}{name}={raw!r}: expected true or false")
+
+
+def _int(name: str, raw: str, minimum: int = 0) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{PREFIX}{name}={raw!r}: expected a whole number") from None
+    if value < minimum:
+        raise SettingsError(f"{PREFIX}{name}={raw!r}: must be at least {minimum}")
+    return value
+
+
+def _float(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{PREFIX}{name}={raw!r}: expected a number of seconds") from None
+    if value <= 0:
+        raise SettingsError(f"{PREFIX}{name}={raw!r}: must be positive")
+    return value
+
+
+def _choice(name: str, raw: str, choices: tuple[str, ...]) -> str:
+    value = raw.strip().lower()
+    if value not in choices:
+        raise SettingsError(f"{PREFIX}{name}={raw!r}: expected one of {', '.join(choices)}")
+    return value
+
+
+def _ae_title(name: str, raw: str) -> str:
+    value = raw.strip()
+    if not 1 <= len(value) <= 16 or not value.isascii() or "\\" in value:
+        raise SettingsError(f"{PREFIX}{name}={raw!r}: an AE title is 1 to 16 ASCII characters")
+    return value
+
+
+def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Build settings from ``INGEST_*`` variables; keyword overrides (CLI flags) win."""
+    env = os.environ if environ is None else environ
+
+    def get(name: str) -> str | None:
+        value = env.get(PREFIX + name)
+        return value if value not in (None, "") else None
+
+    values: dict[str, Any] = {}
+    if (v := get("HOST")) is not None:
+        values["host"] = v
+    if (v := get("PORT")) is not None:
+        values["port"] = _int("PORT", v)
+    if (v := get("AE_TITLE")) is not None:
+        values["ae_title"] = _ae_title("AE_TITLE", v)
+    if (v := get("MAX_ASSOCIATIONS")) is not None:
+        values["max_associations"] = _int("MAX_ASSOCIATIONS", v, minimum=1)
+    if (v := get("MAX_PDU")) is not None:
+        values["max_pdu"] = _int("MAX_PDU", v)
+    if (v := get("SPOOL_DIR")) is not None:
+        values["spool_dir"] = Path(v)
+    if (v := get("REDIS_URL")) is not None:
+        values["redis_url"] = v
+        values["redis_url_explicit"] = True
+    if (v := get("ARCHIVE_URL")) is not None:
+        values["archive_url"] = v
+    if (v := get("SWEEP_INTERVAL")) is not None:
+        values["sweep_interval"] = _float("SWEEP_INTERVAL", v)
+    if (v := get("SWEEP_AGE")) is not None:
+        values["sweep_age"] = _float("SWEEP_AGE", v)
+    if (v := get("S3_ENDPOINT")) is not None:
+        values["s3_endpoint"] = v
+    if (v := get("S3_ACCESS_KEY")) is not None:
+        values["s3_access_key"] = v
+    if (v := get("S3_SECRET_KEY")) is not None:
+        values["s3_secret_key"] = v
+    if (v := get("S3_SECURE")) is not None:
+        values["s3_secure"] = _bool("S3_SECURE", v)
+    if (v := get("S3_REGION")) is not None:
+        values["s3_region"] = v
+    if (v := get("ALLOWED_CALLING_AETS")) is not None:
+        values["allowed_calling_aets"] = tuple(
+            _ae_title("ALLOWED_CALLING_AETS", part) for part in v.split(",") if part.strip()
+        )
+    if (v := get("REQUIRE_CALLED_AET")) is not None:
+        values["require_called_aet"] = _bool("REQUIRE_CALLED_AET", v)
+    if (v := get("DUPLICATE_POLICY")) is not None:
+        values["duplicate_policy"] = _choice("DUPLICATE_POLICY", v, DUPLICATE_POLICIES)
+    if (v := get("SPOOL_MIN_FREE_MB")) is not None:
+        values["spool_min_free_mb"] = _int("SPOOL_MIN_FREE_MB", v)
+    if (v := get("LOG_FORMAT")) is not None:
+        values["log_format"] = _choice("LOG_FORMAT", v, LOG_FORMATS)
+    if (v := get("LOG_LEVEL")) is not None:
+        values["log_level"] = _choice("LOG_LEVEL", v, ("debug", "info", "warning", "error")).upper()
+    if (v := get("WORKER_CONCURRENCY")) is not None:
+        values["worker_concurrency"] = _int("WORKER_CONCURRENCY", v)
+    if (v := get("TASK_MAX_RETRIES")) is not None:
+        values["task_max_retries"] = _int("TASK_MAX_RETRIES", v)
+    if (v := get("VISIBILITY_TIMEOUT")) is not None:
+        values["visibility_timeout"] = _int("VISIBILITY_TIMEOUT", v, minimum=1)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return Settings(**values)
+
+
+def environment(settings: Settings) -> dict[str, str]:
+    """The ``INGEST_*`` variables that reproduce ``settings`` in a child process."""
+    env = {
+        "HOST": settings.host,
+        "PORT": str(settings.port),
+        "AE_TITLE": settings.ae_title,
+        "MAX_ASSOCIATIONS": str(settings.max_associations),
+        "MAX_PDU": str(settings.max_pdu),
+        "SPOOL_DIR": str(settings.spool_dir),
+        "REDIS_URL": settings.redis_url,
+        "ARCHIVE_URL": settings.archive_url,
+        "SWEEP_INTERVAL": str(settings.sweep_interval),
+        "SWEEP_AGE": str(settings.sweep_age),
+        "S3_ENDPOINT": settings.s3_endpoint,
+        "S3_ACCESS_KEY": settings.s3_access_key,
+        "S3_SECRET_KEY": settings.s3_secret_key,
+        "S3_SECURE": str(settings.s3_secure).lower(),
+        "S3_REGION": settings.s3_region,
+        "ALLOWED_CALLING_AETS": ",".join(settings.allowed_calling_aets),
+        "REQUIRE_CALLED_AET": str(settings.require_called_aet).lower(),
+        "DUPLICATE_POLICY": settings.duplicate_policy,
+        "SPOOL_MIN_FREE_MB": str(settings.spool_min_free_mb),
+        "LOG_FORMAT": settings.log_format,
+        "LOG_LEVEL": settings.log_level.lower(),
+        "WORKER_CONCURRENCY": str(settings.worker_concurrency),
+        "TASK_MAX_RETRIES": str(settings.task_max_retries),
+        "VISIBILITY_TIMEOUT": str(settings.visibility_timeout),
+    }
+    return {PREFIX + k: v for k, v in env.items()}
+
+
+def known_variables() -> frozenset[str]:
+    """Every ``INGEST_*`` name this module reads (used to check deploy files)."""
+    return frozenset(environment(Settings()))

@@ -1,0 +1,1 @@
+"""The Storage SCP: makes every received instance durable in the spool, then enqueues it."""

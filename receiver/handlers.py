@@ -1,0 +1,141 @@
+"""The C-STORE and C-ECHO handlers: durable spool write first, ``0x0000`` second, enqueue last.
+
+Handlers are plain functions; what they need arrives as the extra argument of the
+``evt_handlers`` 3-tuple (a :class:`StoreContext`), never as a global.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from ingest.spool import Receipt, Spool, new_receipt_id
+from receiver import statuses
+
+log = logging.getLogger("dicom_ingest.receiver")
+
+_CHUNK = 1 << 20
+_PREAMBLE_AND_MAGIC = 132
+
+
+class Enqueuer(Protocol):
+    def submit(self, receipt_id: str) -> None: ...
+
+
+@dataclass
+class StoreContext:
+    """The C-STORE handler's dependencies."""
+
+    spool: Spool
+    enqueuer: Enqueuer
+    min_free_bytes: int
+
+
+class SpoolFull(Exception):
+    """The spool's filesystem is below its free-space floor."""
+
+
+def handle_echo(event: Any) -> int:
+    return statuses.SUCCESS
+
+
+def handle_store(event: Any, ctx: StoreContext) -> int:
+    """Make the instance durable, then answer. No exception leaves this function."""
+    started = time.monotonic()
+    requestor = event.assoc.requestor
+    calling = str(requestor.ae_title).strip()
+    sop_instance = str(getattr(event.request, "AffectedSOPInstanceUID", ""))
+    try:
+        receipt = _spool_instance(event, ctx)
+    except SpoolFull as exc:
+        log.warning("C-STORE from %s refused 0xA700: %s sop=%s", calling, exc, sop_instance)
+        return statuses.OUT_OF_RESOURCES
+    except OSError as exc:
+        log.error(
+            "C-STORE from %s refused 0xA700: spool write failed: %s sop=%s",
+            calling,
+            exc,
+            sop_instance,
+        )
+        return statuses.OUT_OF_RESOURCES
+    except Exception:
+        log.exception(
+            "C-STORE from %s refused 0xA7FF: unexpected error sop=%s", calling, sop_instance
+        )
+        return statuses.OUT_OF_RESOURCES_UNEXPECTED
+    try:
+        ctx.enqueuer.submit(receipt.receipt_id)
+    except Exception:  # the entry is durable; the sweeper will enqueue it
+        log.exception("enqueue hand-off failed for receipt %s", receipt.receipt_id)
+    log.info(
+        "C-STORE ok receipt=%s sop=%s calling=%s bytes=%d ts=%s ms=%.1f",
+        receipt.receipt_id,
+        receipt.sop_instance_uid,
+        calling,
+        receipt.size,
+        receipt.transfer_syntax,
+        (time.monotonic() - started) * 1000,
+    )
+    return statuses.SUCCESS
+
+
+def _spool_instance(event: Any, ctx: StoreContext) -> Receipt:
+    if ctx.min_free_bytes > 0:
+        free = shutil.disk_usage(ctx.spool.entries).free
+        if free < ctx.min_free_bytes:
+            raise SpoolFull(f"{free // 2**20} MB free, floor {ctx.min_free_bytes // 2**20} MB")
+    request = event.request
+    # pynetdicom streamed preamble, File Meta and the sender's dataset bytes to this file
+    # (STORE_RECV_CHUNKED_DATASET, temp dir on the spool filesystem).
+    path: Path = event.dataset_path
+    stream = getattr(request, "_dataset_file", None)
+    if stream is not None:
+        stream.flush()  # pynetdicom flushes after each fragment, but not an empty dataset
+    size, sha256, offset = _hash_and_sync(path)
+    requestor = event.assoc.requestor
+    receipt = Receipt(
+        receipt_id=new_receipt_id(),
+        calling_aet=str(requestor.ae_title).strip(),
+        called_aet=str(event.assoc.acceptor.ae_title).strip(),
+        peer=f"{requestor.address}:{requestor.port}",
+        received_at=time.time(),
+        sop_class_uid=str(request.AffectedSOPClassUID),
+        sop_instance_uid=str(request.AffectedSOPInstanceUID),
+        transfer_syntax=str(event.context.transfer_syntax),
+        size=size,
+        dataset_offset=offset,
+        sha256=sha256,
+    )
+    ctx.spool.commit(path, receipt)
+    return receipt
+
+
+def _hash_and_sync(path: Path) -> tuple[int, str, int]:
+    """Size, sha256 and dataset offset of the received file, after fsyncing it."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        head = fh.read(_CHUNK)
+        offset = _dataset_offset(head)
+        while head:
+            digest.update(head)
+            size += len(head)
+            head = fh.read(_CHUNK)
+        os.fsync(fh.fileno())
+    return size, digest.hexdigest(), offset
+
+
+def _dataset_offset(head: bytes) -> int:
+    """End of the File Meta that pynetdicom wrote: (0002,0000) UL group length comes first."""
+    start = _PREAMBLE_AND_MAGIC
+    if head[128:start] != b"DICM" or head[start : start + 6] != b"\x02\x00\x00\x00UL":
+        raise ValueError("the received file does not start with a File Meta group length")
+    (group_length,) = struct.unpack_from("<I", head, start + 8)
+    return start + 12 + int(group_length)

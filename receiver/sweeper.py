@@ -1,0 +1,107 @@
+"""Reconciliation: re-enqueue spool entries that no task finished, remove stale leftovers."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ingest.spool import Spool
+
+log = logging.getLogger("dicom_ingest.sweeper")
+
+
+@dataclass
+class SweepResult:
+    requeued: int = 0
+    pending: int = 0  # complete entries younger than the sweep age
+    removed_orphans: int = 0  # files under entries/ without a receipt (never acked)
+    removed_temp: int = 0
+    enqueue_failed: bool = False
+
+
+def sweep_once(
+    spool: Spool, enqueue: Callable[[str], None], age: float, now: float | None = None
+) -> SweepResult:
+    """One pass. An entry is re-enqueued when its receipt is older than ``age`` seconds;
+    its receipt's mtime is then set to now, so it is re-enqueued at most once per ``age``."""
+    now = time.time() if now is None else now
+    result = SweepResult()
+    names = set(os.listdir(spool.entries))
+    for name in sorted(names):
+        path = spool.entries / name
+        try:
+            mtime = path.stat().st_mtime
+        except FileNotFoundError:
+            continue  # a worker finished it meanwhile
+        if name.endswith(".json"):
+            if now - mtime < age:
+                result.pending += 1
+                continue
+            receipt_id = name[: -len(".json")]
+            if result.enqueue_failed:
+                continue
+            try:
+                enqueue(receipt_id)
+            except Exception as exc:
+                log.warning("sweep: enqueue failed (%s); will try again next pass", exc)
+                result.enqueue_failed = True
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(path, (now, now))
+            result.requeued += 1
+        elif (
+            # a receipt is renamed in after its file and removed before it: a file alone
+            # and old is an interrupted write (never acked) or an interrupted removal
+            name.endswith(".dcm")
+            and now - mtime >= age
+            and not (spool.entries / (name[: -len(".dcm")] + ".json")).exists()
+        ):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            result.removed_orphans += 1
+    for name in os.listdir(spool.tmp):
+        path = spool.tmp / name
+        with contextlib.suppress(FileNotFoundError):
+            if now - path.stat().st_mtime >= age:
+                path.unlink()
+                result.removed_temp += 1
+    if result.requeued or result.removed_orphans or result.removed_temp:
+        log.info(
+            "sweep: requeued=%d pending=%d orphans_removed=%d temp_removed=%d",
+            result.requeued,
+            result.pending,
+            result.removed_orphans,
+            result.removed_temp,
+        )
+    return result
+
+
+class PeriodicSweeper:
+    """Runs :func:`sweep_once` every ``interval`` seconds on a daemon thread."""
+
+    def __init__(
+        self, spool: Spool, enqueue: Callable[[str], None], interval: float, age: float
+    ) -> None:
+        self._spool, self._enqueue = spool, enqueue
+        self._interval, self._age = interval, age
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sweeper", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                sweep_once(self._spool, self._enqueue, self._age)
+            except Exception:
+                log.exception("sweep pass failed")

@@ -1,0 +1,1 @@
+"""The Celery workers: validate, decode, name and archive spooled instances."""

@@ -1,0 +1,40 @@
+"""The Celery app factory: explicit settings in, an app with its one task out."""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+
+from ingest.broker import make_celery
+from ingest.messages import QUEUE
+from ingest.settings import Settings
+from workers import tasks
+from workers.pipeline import Pipeline
+
+
+def create_app(settings: Settings) -> Celery:
+    app = make_celery(settings, "dicom-ingest-worker")
+    if settings.worker_concurrency:
+        app.conf.worker_concurrency = settings.worker_concurrency
+    tasks.register(app, lambda: Pipeline.from_settings(settings), settings.task_max_retries)
+    return app
+
+
+def run(settings: Settings, extra_args: list[str] | None = None) -> int:
+    """Run a worker in this process (prefork pool); SIGTERM is a warm shutdown."""
+    Pipeline.from_settings(settings).spool.ensure()
+    app = create_app(settings)
+    argv = [
+        "worker",
+        "-Q",
+        QUEUE,
+        "-n",
+        f"dicom-ingest-{os.getpid()}@%h",
+        f"--loglevel={settings.log_level}",
+        "--without-mingle",
+        "--without-gossip",
+        "-E",
+    ]
+    app.worker_main(argv + list(extra_args or []))
+    return 0

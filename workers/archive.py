@@ -1,0 +1,241 @@
+"""Archive backends with one layout: S3 (through the ``minio`` client) and a local directory.
+
+Both translate their SDK's or the OS's errors into :class:`TransientError`: a storage failure
+is never the object's fault.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlparse
+
+from ingest.settings import Settings
+from ingest.spool import fsync_dir
+from workers.errors import TransientError
+
+META_PREFIX = "x-amz-meta-"
+_CHUNK = 1 << 20
+PART_SIZE = 16 * 2**20
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    size: int
+    sha256: str
+    version_id: str | None = None
+
+
+class Archive(Protocol):
+    """Where instances and quarantined objects go; ``metadata`` keys are short ASCII names."""
+
+    description: str
+
+    def head(self, key: str) -> StoredObject | None: ...
+
+    def put_file(
+        self, key: str, path: Path, size: int, sha256: str, metadata: dict[str, str]
+    ) -> StoredObject: ...
+
+    def put_bytes(self, key: str, data: bytes, content_type: str) -> None: ...
+
+    def versioned_key(self, key: str, suffix: str) -> str:
+        """The key under which the ``version`` duplicate policy keeps a second object."""
+        ...
+
+
+def open_archive(settings: Settings) -> tuple[Archive, str]:
+    """The backend named by ``INGEST_ARCHIVE_URL`` and the key prefix inside it."""
+    url = settings.archive_url
+    parsed = urlparse(url)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise ValueError(f"INGEST_ARCHIVE_URL={url!r}: s3:// needs a bucket name")
+        return S3Archive(settings, parsed.netloc), parsed.path.lstrip("/")
+    if parsed.scheme == "file":
+        return LocalArchive(Path(parsed.path)), ""
+    if parsed.scheme:
+        raise ValueError(f"INGEST_ARCHIVE_URL={url!r}: use s3://, file:// or a plain path")
+    return LocalArchive(Path(url)), ""
+
+
+def _safe_header(value: str) -> str:
+    """Object metadata travels as HTTP headers: printable ASCII only."""
+    return "".join(c if " " <= c <= "~" else "?" for c in value)[:256]
+
+
+class LocalArchive:
+    """A directory; metadata in ``user.dicom_ingest.*`` extended attributes where supported."""
+
+    XATTR = "user.dicom_ingest."
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.description = f"directory {root}"
+
+    def _path(self, key: str) -> Path:
+        path = self.root / key
+        if ".." in Path(key).parts or Path(key).is_absolute():
+            raise ValueError(f"refusing key {key!r}")
+        return path
+
+    def head(self, key: str) -> StoredObject | None:
+        path = self._path(key)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise TransientError(f"cannot stat {path}: {exc}") from exc
+        sha = ""
+        with contextlib.suppress(OSError):
+            sha = os.getxattr(path, self.XATTR + "sha256").decode()
+        if not sha:
+            sha = _sha256_file(path)
+        return StoredObject(key, size, sha)
+
+    def put_file(
+        self, key: str, path: Path, size: int, sha256: str, metadata: dict[str, str]
+    ) -> StoredObject:
+        target = self._path(key)
+        try:
+            with open(path, "rb") as src:
+                written_sha = self._write(target, src, metadata | {"sha256": sha256})
+            stored_size = target.stat().st_size
+        except OSError as exc:
+            raise TransientError(f"cannot write {target}: {exc}") from exc
+        # what landed on disk is what we hashed while writing it
+        return StoredObject(key, stored_size, written_sha)
+
+    def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
+        try:
+            self._write(self._path(key), io.BytesIO(data), {})
+        except OSError as exc:
+            raise TransientError(f"cannot write {key}: {exc}") from exc
+
+    def versioned_key(self, key: str, suffix: str) -> str:
+        return f"{key[: -len('.dcm')]}.{suffix}.dcm" if key.endswith(".dcm") else f"{key}.{suffix}"
+
+    def _write(
+        self, target: Path, src: io.BufferedIOBase | io.BytesIO, metadata: dict[str, str]
+    ) -> str:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+        digest = hashlib.sha256()
+        try:
+            with open(tmp, "wb") as out:
+                while chunk := src.read(_CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                for name, value in metadata.items():
+                    with contextlib.suppress(OSError):  # no xattrs here: sha256 is recomputed
+                        os.setxattr(out.fileno(), self.XATTR + name, _safe_header(value).encode())
+                os.fsync(out.fileno())
+            os.rename(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        fsync_dir(target.parent)
+        return digest.hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class S3Archive:
+    """Any S3 service (MinIO, AWS, moto, ...) through the ``minio`` client."""
+
+    def __init__(self, settings: Settings, bucket: str) -> None:
+        import urllib3
+        from minio import Minio
+
+        endpoint, secure = settings.s3_endpoint, settings.s3_secure
+        if "://" in endpoint:
+            parsed = urlparse(endpoint)
+            endpoint, secure = parsed.netloc, parsed.scheme == "https"
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=5, read=60),
+            retries=urllib3.Retry(
+                total=2, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)
+            ),
+            maxsize=4,
+        )
+        self.client = Minio(
+            endpoint,
+            access_key=settings.s3_access_key or None,
+            secret_key=settings.s3_secret_key or None,
+            secure=secure,
+            region=settings.s3_region or None,
+            http_client=http,
+        )
+        self.bucket = bucket
+        self.description = f"s3://{bucket} at {endpoint}"
+
+    def _translate(self, exc: Exception, what: str) -> TransientError:
+        return TransientError(f"S3 {what} failed ({self.description}): {exc}")
+
+    def head(self, key: str) -> StoredObject | None:
+        from minio.error import S3Error
+
+        try:
+            stat = self.client.stat_object(self.bucket, key)
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
+                return None
+            raise self._translate(exc, f"HEAD {key}") from exc
+        except Exception as exc:
+            raise self._translate(exc, f"HEAD {key}") from exc
+        metadata = {k.lower(): v for k, v in (stat.metadata or {}).items()}
+        return StoredObject(
+            key, int(stat.size or 0), metadata.get(META_PREFIX + "sha256", ""), stat.version_id
+        )
+
+    def put_file(
+        self, key: str, path: Path, size: int, sha256: str, metadata: dict[str, str]
+    ) -> StoredObject:
+        headers: dict[str, str | list[str] | tuple[str]] = {
+            name: _safe_header(value) for name, value in metadata.items()
+        }
+        headers["sha256"] = sha256
+        try:
+            with open(path, "rb") as fh:
+                result = self.client.put_object(
+                    self.bucket,
+                    key,
+                    fh,
+                    size,
+                    content_type="application/dicom",
+                    metadata=headers,
+                    part_size=PART_SIZE,
+                )
+        except Exception as exc:
+            raise self._translate(exc, f"PUT {key}") from exc
+        stored = self.head(key)
+        if stored is None:
+            raise TransientError(f"S3 PUT {key} succeeded but the object is not there")
+        return StoredObject(key, stored.size, stored.sha256, result.version_id)
+
+    def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
+        try:
+            self.client.put_object(
+                self.bucket, key, io.BytesIO(data), len(data), content_type=content_type
+            )
+        except Exception as exc:
+            raise self._translate(exc, f"PUT {key}") from exc
+
+    def versioned_key(self, key: str, suffix: str) -> str:
+        return key  # the bucket's versioning keeps the earlier object

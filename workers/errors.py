@@ -1,0 +1,29 @@
+"""The error taxonomy: permanent (the object is bad: quarantine) versus transient (retry)."""
+
+from __future__ import annotations
+
+
+class PermanentError(Exception):
+    """The object itself is bad; retrying cannot help. It goes to quarantine with ``code``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class TransientError(Exception):
+    """A service (storage, broker) is unavailable or misbehaved; the task retries later and
+    the spool keeps the object meanwhile."""
+
+
+# reason codes of the quarantine (public: they appear in quarantine/{receipt}.json)
+UNREADABLE = "unreadable"
+TRUNCATED = "truncated"
+MISSING_ATTRIBUTE = "missing-attribute"
+INVALID_UID = "invalid-uid"
+UID_MISMATCH = "uid-mismatch"
+TRANSFER_SYNTAX_MISMATCH = "transfer-syntax-mismatch"
+CHECKSUM_MISMATCH = "checksum-mismatch"
+DUPLICATE_CONFLICT = "duplicate-conflict"
+TOO_LARGE = "too-large"

@@ -1,0 +1,139 @@
+"""The worker's pipeline, plain Python: validate, name, archive, verify, then free the spool."""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+from ingest.keys import instance_key, quarantine_keys
+from ingest.settings import Settings
+from ingest.spool import Receipt, Spool
+from workers import errors
+from workers.archive import Archive, StoredObject, open_archive
+from workers.errors import PermanentError, TransientError
+from workers.validate import Instance, inspect
+
+log = logging.getLogger("dicom_ingest.worker")
+
+
+class Outcome(enum.Enum):
+    ARCHIVED = "archived"
+    ALREADY_ARCHIVED = "already-archived"  # a duplicate delivery or a resend of the same bytes
+    QUARANTINED = "quarantined"
+    GONE = "gone"  # no such spool entry: another delivery finished it
+    BUSY = "busy"  # another worker holds the entry right now
+
+
+@dataclass
+class Pipeline:
+    spool: Spool
+    archive: Archive
+    prefix: str
+    duplicate_policy: str = "reject"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Pipeline:
+        archive, prefix = open_archive(settings)
+        return cls(Spool(settings.spool_dir), archive, prefix, settings.duplicate_policy)
+
+    def process(self, receipt_id: str) -> Outcome:
+        """Handle one spool entry. Idempotent; raises TransientError when storage is down."""
+        with self.spool.claim(receipt_id) as claimed:
+            if not claimed:
+                gone = self.spool.read_receipt(receipt_id) is None
+                return Outcome.GONE if gone else Outcome.BUSY
+            receipt = self.spool.read_receipt(receipt_id)
+            if receipt is None:
+                return Outcome.GONE
+            try:
+                instance = inspect(self.spool.dcm_path(receipt_id), receipt)
+                outcome = self._archive(receipt, instance)
+            except PermanentError as exc:
+                self._quarantine(receipt, exc)
+                outcome = Outcome.QUARANTINED
+            self.spool.remove(receipt_id)
+            return outcome
+
+    def _archive(self, receipt: Receipt, instance: Instance) -> Outcome:
+        key = instance_key(
+            self.prefix, instance.study_uid, instance.series_uid, instance.sop_instance_uid
+        )
+        existing = self.archive.head(key)
+        if existing is not None:
+            if existing.sha256 == receipt.sha256 and existing.size == receipt.size:
+                log.info("already archived receipt=%s key=%s", receipt.receipt_id, key)
+                return Outcome.ALREADY_ARCHIVED
+            if self.duplicate_policy == "reject":
+                raise PermanentError(
+                    errors.DUPLICATE_CONFLICT,
+                    f"{key} already holds a different object (sha256 {existing.sha256[:12]}...)"
+                    f"; policy 'reject' keeps the first",
+                )
+            if self.duplicate_policy == "version":
+                key = self.archive.versioned_key(key, receipt.receipt_id)
+        stored = self.archive.put_file(
+            key,
+            self.spool.dcm_path(receipt.receipt_id),
+            receipt.size,
+            receipt.sha256,
+            _metadata(receipt),
+        )
+        _verify(stored, receipt)
+        log.info(
+            "archived receipt=%s sop=%s calling=%s key=%s bytes=%d",
+            receipt.receipt_id,
+            instance.sop_instance_uid,
+            receipt.calling_aet,
+            key,
+            stored.size,
+        )
+        return Outcome.ARCHIVED
+
+    def _quarantine(self, receipt: Receipt, exc: PermanentError) -> None:
+        data_key, reason_key = quarantine_keys(self.prefix, receipt.receipt_id)
+        reason = {
+            "reason": exc.code,
+            "message": exc.message,
+            "quarantined_at": time.time(),
+            "receipt": asdict(receipt),
+        }
+        stored = self.archive.put_file(
+            data_key,
+            self.spool.dcm_path(receipt.receipt_id),
+            receipt.size,
+            receipt.sha256,
+            _metadata(receipt),
+        )
+        _verify(stored, receipt)
+        self.archive.put_bytes(
+            reason_key, json.dumps(reason, indent=2).encode(), "application/json"
+        )
+        log.warning(
+            "quarantined receipt=%s sop=%s calling=%s reason=%s: %s",
+            receipt.receipt_id,
+            receipt.sop_instance_uid,
+            receipt.calling_aet,
+            exc.code,
+            exc.message,
+        )
+
+
+def _metadata(receipt: Receipt) -> dict[str, str]:
+    return {
+        "calling-aet": receipt.calling_aet,
+        "received-at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(receipt.received_at)),
+        "transfer-syntax": receipt.transfer_syntax,
+        "receipt-id": receipt.receipt_id,
+        "sop-class-uid": receipt.sop_class_uid,
+    }
+
+
+def _verify(stored: StoredObject, receipt: Receipt) -> None:
+    if stored.size != receipt.size or stored.sha256 != receipt.sha256:
+        raise TransientError(
+            f"{stored.key}: stored object does not match the spool (size {stored.size} vs "
+            f"{receipt.size}); will write it again"
+        )

@@ -1,0 +1,63 @@
+"""The archive task: thin, like a web view; the work is in :mod:`workers.pipeline`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery
+
+from ingest.messages import ARCHIVE_TASK, MessageError, check_receipt_id
+from workers.errors import TransientError
+from workers.pipeline import Pipeline
+
+log = logging.getLogger("dicom_ingest.worker")
+
+
+def backoff(retries: int) -> float:
+    """Seconds before retry number ``retries + 1``: exponential, capped, with jitter."""
+    return float(min(2**retries, 120)) * random.uniform(0.8, 1.2)
+
+
+def register(app: Celery, make_pipeline: Callable[[], Pipeline], max_retries: int) -> None:
+    """Add the archive task to ``app``. The pipeline is built once per worker process
+    (after the prefork pool forks, so no connection is shared across processes)."""
+    cache: dict[int, Pipeline] = {}
+
+    def pipeline() -> Pipeline:
+        pid = os.getpid()
+        if pid not in cache:
+            cache.clear()
+            cache[pid] = make_pipeline()
+        return cache[pid]
+
+    @app.task(  # type: ignore[untyped-decorator]
+        name=ARCHIVE_TASK,
+        bind=True,
+        max_retries=max_retries,
+        acks_late=True,
+        reject_on_worker_lost=True,
+    )
+    def archive(self: Any, receipt_id: object) -> str:
+        try:
+            rid = check_receipt_id(receipt_id)
+        except MessageError as exc:
+            log.error("dropping a malformed message: %s", exc)
+            return "malformed"
+        try:
+            return pipeline().process(rid).value
+        except TransientError as exc:
+            delay = backoff(self.request.retries)
+            log.warning(
+                "receipt=%s transient failure (attempt %d of %d), retry in %.0fs: %s",
+                rid,
+                self.request.retries + 1,
+                max_retries + 1,
+                delay,
+                exc,
+            )
+            # past max_retries this raises: the entry stays in the spool for the sweeper
+            raise self.retry(exc=exc, countdown=delay) from exc
