@@ -1,0 +1,295 @@
+"""Helpers the test tiers share: polling, services, DICOM files and senders."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+T = TypeVar("T")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+# pydicom's own test files across transfer syntaxes and SOP classes
+CORPUS = {
+    "CT_small.dcm": "explicit little endian, CT",
+    "MR_small_implicit.dcm": "implicit little endian, MR",
+    "MR_small_bigendian.dcm": "explicit big endian, MR",
+    "image_dfl.dcm": "deflated explicit little endian",
+    "SC_rgb_jpeg_dcmtk.dcm": "JPEG baseline",
+    "JPEG-LL.dcm": "JPEG lossless SV1",
+    "MR_small_jp2klossless.dcm": "JPEG 2000 lossless",
+    "MR_small_jpeg_ls_lossless.dcm": "JPEG-LS lossless",
+    "MR_small_RLE.dcm": "RLE lossless",
+    "test-SR.dcm": "comprehensive SR",
+    "rtplan.dcm": "RT plan",
+    "rtdose.dcm": "RT dose, multi-frame",
+    "waveform_ecg.dcm": "12-lead ECG waveform",
+    "SC_rgb_rle_2frame.dcm": "RLE multi-frame",
+}
+
+
+def need(available: bool, what: str) -> None:
+    """Skip when a service or tool is missing; under CI=true that is a failure."""
+    if available:
+        return
+    if IN_CI:
+        pytest.fail(f"{what} is required under CI=true")
+    pytest.skip(f"{what} is not available")
+
+
+def wait_for(check: Callable[[], T], timeout: float = 30.0, interval: float = 0.05,
+             what: str = "condition") -> T:
+    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def dcmtk(tool: str) -> str:
+    path = shutil.which(tool)
+    need(path is not None, f"DCMTK {tool} (apt-get install dcmtk)")
+    assert path is not None
+    return path
+
+
+def dcmtk_env() -> dict[str, str]:
+    # Debian's DCMTK leaves Nagle on: without this every C-STORE waits ~40 ms
+    return dict(os.environ, TCP_NODELAY="1")
+
+
+# --- files -----------------------------------------------------------------------------------
+
+
+def split_part10(data: bytes) -> tuple[bytes, bytes]:
+    """(File Meta with preamble, dataset bytes) of a Part 10 file."""
+    assert data[128:132] == b"DICM", "not a Part 10 file"
+    assert data[132:136] == b"\x02\x00\x00\x00", "File Meta without group length"
+    length = int.from_bytes(data[140:144], "little")
+    end = 144 + length
+    return data[:end], data[end:]
+
+
+def dataset_bytes(path: Path) -> bytes:
+    return split_part10(path.read_bytes())[1]
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def corpus_source(name: str) -> Path:
+    path = get_testdata_file(name)
+    assert path is not None, f"pydicom test file {name} is missing"
+    return Path(path)
+
+
+def unique_copy(source: Path, target: Path, rng: random.Random) -> str:
+    """Copy a Part 10 file with a new SOP Instance UID of the same length (bytes replaced in
+    place, so every other byte stays as it was). Returns the new UID."""
+    data = source.read_bytes()
+    ds = pydicom.dcmread(source, stop_before_pixels=True)
+    old, old_meta = str(ds.SOPInstanceUID), str(ds.file_meta.MediaStorageSOPInstanceUID)
+    new = old[:-6] + str(rng.randint(100000, 999999))
+    deflated = ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1.99"
+    if deflated or len(old_meta) != len(old):
+        full = pydicom.dcmread(source)
+        full.SOPInstanceUID = new
+        full.file_meta.MediaStorageSOPInstanceUID = new
+        full.save_as(target, enforce_file_format=True)
+        return new
+    data = data.replace(old.encode(), new.encode()).replace(old_meta.encode(), new.encode())
+    target.write_bytes(data)
+    return new
+
+
+def make_segmentation(target: Path) -> str:
+    """A small binary segmentation instance (no such file ships with pydicom)."""
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "SEG"
+    ds.PatientName = "Test^Segmentation"
+    ds.PatientID = "SEG-1"
+    ds.SegmentationType = "BINARY"
+    ds.Rows, ds.Columns = 8, 8
+    ds.NumberOfFrames = 2
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 1
+    ds.HighBit = 0
+    ds.PixelRepresentation = 0
+    ds.add_new(0x7FE00010, "OB", bytes(range(16)))
+    return _save(ds, target)
+
+
+def make_instance(target: Path, pixel_bytes: int = 1024, study: str | None = None,
+                  series: str | None = None, sop_instance: str | None = None) -> str:
+    """A CT-like instance with ``pixel_bytes`` of pixel data, explicit little endian."""
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.SOPInstanceUID = sop_instance or generate_uid()
+    ds.StudyInstanceUID = study or generate_uid()
+    ds.SeriesInstanceUID = series or generate_uid()
+    ds.Modality = "CT"
+    ds.PatientName = "Test^Instance"
+    ds.PatientID = "CT-1"
+    side = max(1, int((pixel_bytes // 2) ** 0.5))
+    ds.Rows = ds.Columns = side
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.PixelData = random.randbytes(side * side * 2)
+    return _save(ds, target)
+
+
+def _save(ds: Dataset, target: Path) -> str:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    ds.save_as(target, enforce_file_format=True)
+    return str(ds.SOPInstanceUID)
+
+
+def raw_part10(sop_class: str, sop_instance: str, body: bytes,
+               transfer_syntax: str = ExplicitVRLittleEndian) -> bytes:
+    """A Part 10 file whose File Meta says ``sop_class``/``sop_instance`` and whose dataset
+    bytes are exactly ``body``: the way to put anything on the wire with pynetdicom."""
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.filebase import DicomBytesIO
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # hostile UIDs are the point of some tests
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = sop_class
+        meta.MediaStorageSOPInstanceUID = sop_instance
+        meta.TransferSyntaxUID = transfer_syntax
+        meta.ImplementationClassUID = "1.2.826.0.1.3680043.10.1"
+        out = DicomBytesIO()
+        out.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(out, meta, enforce_standard=True)
+    return out.getvalue() + body
+
+
+def encode_dataset(ds: Dataset) -> bytes:
+    """Dataset bytes in explicit little endian, without File Meta."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = True, False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        write_dataset(out, ds)
+    return out.getvalue()
+
+
+# --- senders ---------------------------------------------------------------------------------
+
+
+def pynetdicom_send(port: int, files: Iterable[Path], calling: str = "PYNETDICOM",
+                    called: str = "DICOM-INGEST") -> list[int | None]:
+    """Send Part 10 files over one association, their dataset bytes untouched; the statuses
+    the sender saw (None where no response came)."""
+    from pynetdicom import AE, _config
+
+    _config.STORE_SEND_CHUNKED_DATASET = True  # send the bytes after the File Meta as they are
+    files = list(files)
+    ae = AE(ae_title=calling)
+    contexts = set()
+    for path in files:
+        meta = pydicom.filereader.read_file_meta_info(path)
+        contexts.add((str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
+    for sop_class, ts in sorted(contexts):
+        ae.add_requested_context(sop_class, ts)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    assert assoc.is_established, "association was not established"
+    statuses: list[int | None] = []
+    try:
+        for path in files:
+            status = assoc.send_c_store(path)
+            statuses.append(int(status.Status) if "Status" in status else None)
+    finally:
+        assoc.release()
+    return statuses
+
+
+def run(args: list[str], env: dict[str, str] | None = None, timeout: float = 120,
+        check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout,
+                            stdin=subprocess.DEVNULL)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args[0]} exited {result.returncode}:\n{result.stdout}\n"
+                             f"{result.stderr}")
+    return result
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ingest.cli", *args]
+
+
+def objects_under(root: Path) -> dict[str, Path]:
+    """Relative key -> path of every file in a directory archive."""
+    return {str(p.relative_to(root)): p for p in sorted(root.rglob("*")) if p.is_file()
+            and not p.name.startswith(".")}
+
+
+
+def spool_entry(spool: Any, part10: bytes, calling: str = "TEST") -> Any:
+    """Commit a Part 10 file to ``spool`` as the receiver would; returns its Receipt."""
+    import time as _time
+
+    from ingest.spool import Receipt, new_receipt_id
+
+    meta_bytes, _ = split_part10(part10)
+    tmp = spool.tmp / f"received-{random.randrange(1 << 30)}.dcm"
+    tmp.write_bytes(part10)
+    meta = pydicom.filereader.read_file_meta_info(tmp)
+    receipt = Receipt(
+        receipt_id=new_receipt_id(), calling_aet=calling, called_aet="DICOM-INGEST",
+        peer="127.0.0.1:1", received_at=_time.time(),
+        sop_class_uid=str(meta.MediaStorageSOPClassUID),
+        sop_instance_uid=str(meta.MediaStorageSOPInstanceUID),
+        transfer_syntax=str(meta.TransferSyntaxUID), size=len(part10),
+        dataset_offset=len(meta_bytes), sha256=sha256(part10))
+    spool.commit(tmp, receipt)
+    return receipt

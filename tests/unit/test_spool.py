@@ -1,0 +1,70 @@
+import os
+from pathlib import Path
+
+import pytest
+
+from ingest.spool import Receipt, Spool, SpoolError
+from tests.support import make_instance, spool_entry
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    s = Spool(tmp_path / "spool")
+    s.ensure()
+    return s
+
+
+def test_commit_makes_file_and_receipt(spool: Spool, tmp_path: Path) -> None:
+    make_instance(tmp_path / "a.dcm")
+    data = (tmp_path / "a.dcm").read_bytes()
+    receipt = spool_entry(spool, data)
+    assert spool.dcm_path(receipt.receipt_id).read_bytes() == data
+    assert spool.read_receipt(receipt.receipt_id) == receipt
+    assert spool.receipt_ids() == [receipt.receipt_id]
+    assert os.listdir(spool.tmp) == []  # the temp files were renamed, nothing left over
+
+
+def test_remove_is_idempotent(spool: Spool, tmp_path: Path) -> None:
+    make_instance(tmp_path / "a.dcm")
+    receipt = spool_entry(spool, (tmp_path / "a.dcm").read_bytes())
+    spool.remove(receipt.receipt_id)
+    spool.remove(receipt.receipt_id)
+    assert spool.read_receipt(receipt.receipt_id) is None
+    assert os.listdir(spool.entries) == []
+
+
+def test_failed_receipt_write_leaves_no_entry(spool: Spool, tmp_path: Path) -> None:
+    make_instance(tmp_path / "a.dcm")
+    received = tmp_path / "incoming.dcm"
+    received.write_bytes((tmp_path / "a.dcm").read_bytes())
+    receipt = Receipt("20260101T000000-0123456789abcdef", "A", "B", "p", 0.0, "1.2", "1.3",
+                      "1.2.840.10008.1.2.1", 1, 1, "0" * 64)
+    os.rmdir(spool.tmp)  # the receipt's temp file cannot be created
+    with pytest.raises(OSError):
+        spool.commit(received, receipt)
+    assert os.listdir(spool.entries) == []
+
+
+def test_claim_is_exclusive(spool: Spool, tmp_path: Path) -> None:
+    make_instance(tmp_path / "a.dcm")
+    receipt = spool_entry(spool, (tmp_path / "a.dcm").read_bytes())
+    with spool.claim(receipt.receipt_id) as first:
+        assert first
+        with spool.claim(receipt.receipt_id) as second:
+            assert not second
+    with spool.claim(receipt.receipt_id) as again:
+        assert again
+    with spool.claim("20260101T000000-0123456789abcdef") as missing:
+        assert not missing
+
+
+def test_receipt_decode_rejects_garbage() -> None:
+    for data in (b"{", b"[]", b'{"receipt_id": "../x"}'):
+        with pytest.raises((SpoolError, ValueError)):
+            Receipt.decode(data)
+
+
+def test_spool_dir_must_be_usable(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OSError):
+        Spool(tmp_path / "file").ensure()
