@@ -194,8 +194,8 @@ def raw_part10(sop_class: str, sop_instance: str, body: bytes,
                transfer_syntax: str = ExplicitVRLittleEndian) -> bytes:
     """A Part 10 file whose File Meta says ``sop_class``/``sop_instance`` and whose dataset
     bytes are exactly ``body``: the way to put anything on the wire with pynetdicom."""
-    from pydicom.filewriter import write_file_meta_info
     from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # hostile UIDs are the point of some tests

@@ -12,7 +12,7 @@ def test_safe_uids(uid: str) -> None:
 
 @pytest.mark.parametrize(
     "uid",
-    ["", "1.2/3", "../1.2", "1..2", ".1.2", "1.2.", "9" * 65, "1.2.3\0", "1.2 3", "１.２",
+    ["", "1.2/3", "../1.2", "1..2", ".1.2", "1.2.", "9" * 65, "1.2.3\0", "1.2 3", "\uff11.\uff12",
      "1.2\\3", None, 12],
 )
 def test_unsafe_uids(uid: object) -> None:

@@ -103,9 +103,6 @@ def test_bytes_that_are_no_dataset(spool: Spool) -> None:
 
 
 def test_random_bytes(spool: Spool) -> None:
-    import random
-import warnings
-
     rng = random.Random(7)
     body = bytes(rng.randrange(256) for _ in range(5000))
     with pytest.raises(PermanentError) as info:
