@@ -36,6 +36,9 @@ def register(app: Celery, make_pipeline: Callable[[], Pipeline], max_retries: in
 
     @app.task(  # type: ignore[untyped-decorator]
         name=ARCHIVE_TASK,
+        # not shared: a shared task would be added to every app created later, and a second
+        # app (another settings) would then run the first app's closure under this name
+        shared=False,
         bind=True,
         max_retries=max_retries,
         acks_late=True,

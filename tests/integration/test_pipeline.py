@@ -1,0 +1,193 @@
+"""The pipeline with its real parts: the receiver, a real Redis, a real Celery worker from the
+app factory, moto's S3 server over HTTP (or a directory), pynetdicom as the sender."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ingest.keys import instance_key
+from ingest.messages import ARCHIVE_TASK
+from ingest.settings import Settings
+from ingest.spool import Spool
+from receiver import statuses
+from receiver.publisher import publish
+from receiver.sweeper import sweep_once
+from tests.support import (
+    CORPUS,
+    corpus_source,
+    dataset_bytes,
+    make_instance,
+    pynetdicom_send,
+    split_part10,
+    unique_copy,
+    wait_for,
+)
+from workers.errors import TransientError
+from workers.pipeline import Outcome, Pipeline
+
+pytestmark = pytest.mark.integration
+
+
+def corpus(tmp_path: Path) -> dict[Path, str]:
+    """Copies of pydicom's corpus with unique SOP Instance UIDs: path -> SOP Instance UID."""
+    out = {}
+    rng = random.Random(len(str(tmp_path)))
+    for name in sorted(CORPUS):
+        target = tmp_path / "corpus" / name
+        target.parent.mkdir(exist_ok=True)
+        out[target] = unique_copy(corpus_source(name), target, rng)
+    return out
+
+
+def expected_key(path: Path) -> str:
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return instance_key("", ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+
+
+def test_corpus_to_s3(tmp_path: Path, settings: Settings, redis_url: str, s3_endpoint: str,
+                      bucket: str, minio_client: Any, start_receiver: Any,
+                      start_worker: Any) -> None:
+    settings = settings.replace(redis_url=redis_url, archive_url=f"s3://{bucket}",
+                                s3_endpoint=s3_endpoint)
+    files = corpus(tmp_path)
+    start_worker(settings)
+    receiver = start_receiver(settings)
+
+    sent = pynetdicom_send(receiver.port, files, calling="MODALITY1")
+    assert sent == [statuses.SUCCESS] * len(files)
+
+    def archived() -> bool:
+        names = {o.object_name for o in minio_client.list_objects(bucket, recursive=True)}
+        return {expected_key(p) for p in files} <= names
+
+    wait_for(archived, 60, 0.1, "every instance in the bucket")
+    for path in files:
+        key = expected_key(path)
+        data = minio_client.get_object(bucket, key).read()
+        # the dataset bytes are the sender's, byte for byte
+        assert split_part10(data)[1] == dataset_bytes(path), key
+        stat = minio_client.stat_object(bucket, key)
+        meta = {k.lower(): v for k, v in stat.metadata.items()}
+        assert meta["x-amz-meta-sha256"] == hashlib.sha256(data).hexdigest()
+        assert meta["x-amz-meta-calling-aet"] == "MODALITY1"
+        assert meta["x-amz-meta-transfer-syntax"]
+    wait_for(lambda: Spool(settings.spool_dir).depth() == 0, 10, what="an empty spool")
+    names = [o.object_name for o in minio_client.list_objects(bucket, recursive=True)]
+    assert not [n for n in names if n.startswith("quarantine/")]
+
+
+def test_duplicate_deliveries_make_one_object(tmp_path: Path, settings: Settings,
+                                              redis_url: str, start_worker: Any) -> None:
+    """The same receipt enqueued three times, and the same bytes sent twice: one object."""
+    settings = settings.replace(redis_url=redis_url)
+    spool = Spool(settings.spool_dir)
+    spool.ensure()
+    from tests.support import spool_entry
+
+    make_instance(tmp_path / "a.dcm")
+    data = (tmp_path / "a.dcm").read_bytes()
+    first = spool_entry(spool, data)
+    second = spool_entry(spool, data)  # a resend of the same instance
+    app = start_worker(settings)
+    for rid in (first.receipt_id, first.receipt_id, second.receipt_id, first.receipt_id):
+        app.send_task(ARCHIVE_TASK, args=[rid])
+    wait_for(lambda: spool.depth() == 0, 30, what="an empty spool")
+    archive = Path(settings.archive_url)
+    files = [p for p in archive.rglob("*.dcm")]
+    assert len(files) == 1 and files[0].read_bytes() == data
+    assert not (archive / "quarantine").exists()
+
+
+def test_enqueue_failure_still_acks_and_the_sweeper_recovers(
+    tmp_path: Path, settings: Settings, redis_url: str, start_receiver: Any,
+    start_worker: Any,
+) -> None:
+    """Redis is unreachable when the receiver enqueues: the sender still gets 0x0000; a sweep
+    against the live Redis gets the instance archived."""
+    dead = settings  # its redis_url points at a port nobody listens on
+    make_instance(tmp_path / "a.dcm")
+    receiver = start_receiver(dead)
+    assert pynetdicom_send(receiver.port, [tmp_path / "a.dcm"]) == [statuses.SUCCESS]
+    spool = Spool(settings.spool_dir)
+    assert spool.depth() == 1
+    wait_for(lambda: receiver.publisher.failures == 1, 30, what="the failed publish")
+
+    live = settings.replace(redis_url=redis_url)
+    start_worker(live)
+    from ingest.broker import make_celery
+
+    app = make_celery(live, "test-sweep")
+    result = sweep_once(spool, lambda rid: publish(app, rid), age=0)
+    assert result.requeued == 1
+    wait_for(lambda: spool.depth() == 0, 30, what="an empty spool")
+    assert [dataset_bytes(p) for p in Path(live.archive_url).rglob("*.dcm")] == [
+        dataset_bytes(tmp_path / "a.dcm")
+    ]
+
+
+def test_unwritable_spool_answers_out_of_resources(tmp_path: Path, settings: Settings,
+                                                   start_receiver: Any) -> None:
+    """The spool cannot take the instance: the sender sees 0xA700, not pynetdicom's 0xC211."""
+    receiver = start_receiver(settings)
+    entries = settings.spool_dir / "entries"
+    shutil.rmtree(entries)
+    entries.write_text("not a directory")  # rename into it fails, even for root
+    make_instance(tmp_path / "a.dcm")
+    assert pynetdicom_send(receiver.port, [tmp_path / "a.dcm"]) == [statuses.OUT_OF_RESOURCES]
+    assert list((settings.spool_dir / "tmp").iterdir()) == []  # pynetdicom's temp file is gone
+
+
+def test_free_space_floor_answers_out_of_resources(tmp_path: Path, settings: Settings,
+                                                   start_receiver: Any) -> None:
+    receiver = start_receiver(settings.replace(spool_min_free_mb=10**9))  # a petabyte floor
+    make_instance(tmp_path / "a.dcm")
+    assert pynetdicom_send(receiver.port, [tmp_path / "a.dcm"]) == [statuses.OUT_OF_RESOURCES]
+    assert Spool(settings.spool_dir).depth() == 0
+
+
+def test_storage_outage_is_transient_and_keeps_the_spool(tmp_path: Path,
+                                                         settings: Settings) -> None:
+    """S3 unreachable: the pipeline raises TransientError (the task retries) and the spool
+    entry stays; nothing is quarantined."""
+    from tests.support import free_port, spool_entry
+
+    down = settings.replace(archive_url="s3://archive",
+                            s3_endpoint=f"http://127.0.0.1:{free_port()}")
+    pipeline = Pipeline.from_settings(down)
+    pipeline.spool.ensure()
+    make_instance(tmp_path / "a.dcm")
+    receipt = spool_entry(pipeline.spool, (tmp_path / "a.dcm").read_bytes())
+    with pytest.raises(TransientError):
+        pipeline.process(receipt.receipt_id)
+    assert pipeline.spool.read_receipt(receipt.receipt_id) == receipt
+    assert pipeline.spool.dcm_path(receipt.receipt_id).exists()
+
+
+def test_duplicate_conflict_is_quarantined(tmp_path: Path, settings: Settings) -> None:
+    """Same SOP Instance UID, different bytes, policy reject: the first stays, the second is
+    quarantined with reason duplicate-conflict."""
+    from tests.support import spool_entry
+
+    pipeline = Pipeline.from_settings(settings)
+    pipeline.spool.ensure()
+    ids = {"study": "1.2.826.0.1.3680043.10.9.1", "series": "1.2.826.0.1.3680043.10.9.2",
+           "sop_instance": "1.2.826.0.1.3680043.10.9.3"}
+    make_instance(tmp_path / "a.dcm", **ids)
+    make_instance(tmp_path / "b.dcm", **ids)  # other pixel data under the same UIDs
+    first = spool_entry(pipeline.spool, (tmp_path / "a.dcm").read_bytes())
+    second = spool_entry(pipeline.spool, (tmp_path / "b.dcm").read_bytes())
+    assert pipeline.process(first.receipt_id) is Outcome.ARCHIVED
+    assert pipeline.process(second.receipt_id) is Outcome.QUARANTINED
+    archive = Path(settings.archive_url)
+    reason = (archive / "quarantine" / f"{second.receipt_id}.json").read_text()
+    assert '"duplicate-conflict"' in reason
+    kept = [p for p in archive.rglob("*.dcm") if "quarantine" not in p.parts]
+    assert [p.read_bytes() for p in kept] == [(tmp_path / "a.dcm").read_bytes()]
