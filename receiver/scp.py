@@ -10,6 +10,11 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+from pydicom.uid import (
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 from pynetdicom import (
     AE,
     ALL_TRANSFER_SYNTAXES,
@@ -29,6 +34,14 @@ from receiver.sweeper import PeriodicSweeper
 log = logging.getLogger("dicom_ingest.receiver")
 
 
+# Which transfer syntax we pick when a sender offers several for one SOP class: the encoded
+# ones first, deflate included (a sender offers them when it holds the instance that way, so
+# it sends its original bytes instead of decoding them for us), then explicit VR little
+# endian (VRs as written), implicit VR little endian, big endian.
+_UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
+TRANSFER_SYNTAXES = [ts for ts in ALL_TRANSFER_SYNTAXES if ts not in _UNCOMPRESSED] + _UNCOMPRESSED
+
+
 def build_ae(settings: Settings) -> AE:
     """An AE that accepts every storage SOP class in every transfer syntax, and C-ECHO."""
     ae = AE(ae_title=settings.ae_title)
@@ -38,8 +51,8 @@ def build_ae(settings: Settings) -> AE:
     ae.require_calling_aet = list(settings.allowed_calling_aets)
     for context in AllStoragePresentationContexts:
         assert context.abstract_syntax is not None
-        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-    ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+    ae.add_supported_context(Verification, TRANSFER_SYNTAXES)
     return ae
 
 

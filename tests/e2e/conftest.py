@@ -1,0 +1,77 @@
+"""End-to-end fixtures: ``dicom-ingest receiver`` and ``dicom-ingest worker`` as processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ingest.settings import Settings, environment
+from tests.support import cli, free_port, port_open, wait_for
+
+
+@dataclass
+class Pipeline:
+    settings: Settings
+    env: dict[str, str]
+    log_dir: Path
+    processes: dict[str, subprocess.Popen[bytes]]
+
+    @property
+    def port(self) -> int:
+        return self.settings.port
+
+    @property
+    def archive(self) -> Path:
+        return Path(self.settings.archive_url)
+
+    def log(self, role: str) -> str:
+        return (self.log_dir / f"{role}.log").read_text(errors="replace")
+
+    def start(self, role: str) -> None:
+        (self.log_dir / f"{role}.log").unlink(missing_ok=True)
+        out = open(self.log_dir / f"{role}.log", "ab")  # noqa: SIM115 - closed with the process
+        self.processes[role] = subprocess.Popen(cli(role), env=self.env, stdout=out,
+                                                stderr=subprocess.STDOUT,
+                                                stdin=subprocess.DEVNULL)
+        out.close()
+        if role == "worker":
+            wait_for(lambda: " ready." in self.log("worker")
+                     or self.processes[role].poll() is not None, 60, what="the worker")
+            assert self.processes[role].poll() is None, self.log("worker")
+        if role == "receiver":
+            wait_for(lambda: port_open(self.port) or self.processes[role].poll() is not None,
+                     30, what="the receiver's port")
+            assert self.processes[role].poll() is None, self.log("receiver")
+
+    def stop(self, role: str, sig: int = signal.SIGTERM) -> int:
+        proc = self.processes.pop(role)
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        try:
+            return proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+
+@pytest.fixture
+def pipeline(tmp_path: Path, redis_url: str) -> Iterator[Pipeline]:
+    settings = Settings(
+        host="127.0.0.1", port=free_port(), spool_dir=tmp_path / "spool",
+        archive_url=str(tmp_path / "archive"), redis_url=redis_url, spool_min_free_mb=0,
+        sweep_interval=2, sweep_age=5, worker_concurrency=2,
+    )
+    env = dict(os.environ) | environment(settings)
+    env["PYTHONWARNINGS"] = "ignore"
+    running = Pipeline(settings, env, tmp_path, {})
+    running.start("worker")
+    running.start("receiver")
+    yield running
+    for role in list(running.processes):
+        running.stop(role)
