@@ -191,3 +191,24 @@ def test_duplicate_conflict_is_quarantined(tmp_path: Path, settings: Settings) -
     assert '"duplicate-conflict"' in reason
     kept = [p for p in archive.rglob("*.dcm") if "quarantine" not in p.parts]
     assert [p.read_bytes() for p in kept] == [(tmp_path / "a.dcm").read_bytes()]
+
+
+def test_large_instance_goes_up_in_parts(tmp_path: Path, settings: Settings, bucket: str,
+                                         s3_endpoint: str, minio_client: Any) -> None:
+    """An instance larger than one part (16 MiB) is uploaded as a multipart object, streamed
+    from the spool file, and read back identical."""
+    from tests.support import spool_entry
+
+    s3 = settings.replace(archive_url=f"s3://{bucket}/site-a", s3_endpoint=s3_endpoint)
+    pipeline = Pipeline.from_settings(s3)
+    pipeline.spool.ensure()
+    make_instance(tmp_path / "big.dcm", pixel_bytes=40 * 2**20)
+    data = (tmp_path / "big.dcm").read_bytes()
+    receipt = spool_entry(pipeline.spool, data)
+    assert pipeline.process(receipt.receipt_id) is Outcome.ARCHIVED
+    names = [o.object_name for o in minio_client.list_objects(bucket, recursive=True)]
+    assert len(names) == 1 and names[0].startswith("site-a/")
+    stat = minio_client.stat_object(bucket, names[0])
+    assert "-" in stat.etag  # a multipart upload's ETag
+    assert minio_client.get_object(bucket, names[0]).read() == data
+    assert pipeline.spool.depth() == 0
