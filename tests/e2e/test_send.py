@@ -17,7 +17,7 @@ from pydicom.uid import generate_uid
 
 from ingest.keys import instance_key
 from receiver import statuses
-from tests.e2e.conftest import Pipeline
+from tests.processes import Pipeline
 from tests.support import (
     CORPUS,
     corpus_source,
@@ -160,8 +160,11 @@ def test_hostile_inputs_are_quarantined_with_reasons(pipeline: Pipeline,
     assert sent == [statuses.SUCCESS] * len(paths)
 
     quarantine = pipeline.archive / "quarantine"
-    wait_for(lambda: quarantine.exists() and len(list(quarantine.glob("*.json"))) == 5, 60,
-             what="five quarantine records")
+    good_key = instance_key("", good.StudyInstanceUID, good.SeriesInstanceUID,
+                            good.SOPInstanceUID)
+    wait_for(lambda: quarantine.exists() and len(list(quarantine.glob("*.json"))) == 5
+             and good_key in objects_under(pipeline.archive), 60,
+             what="five quarantine records and the good instance")
     import json
 
     reasons = sorted(json.loads(p.read_text())["reason"] for p in quarantine.glob("*.json"))
@@ -240,7 +243,8 @@ def test_sweep_command_reenqueues(pipeline: Pipeline, tmp_path: Path) -> None:
     pipeline.stop("worker")
     make_instance(tmp_path / "a.dcm")
     assert pynetdicom_send(pipeline.port, [tmp_path / "a.dcm"]) == [statuses.SUCCESS]
-    redis.Redis.from_url(pipeline.settings.redis_url).flushdb()  # Redis lost everything
+    with redis.Redis.from_url(pipeline.settings.redis_url) as client:
+        client.flushdb()  # Redis lost everything
     pipeline.stop("receiver", signal.SIGTERM)  # no periodic sweeper either
     out = run(cli("sweep", "--age", "0.001"), env=pipeline.env).stdout
     assert "requeued 1" in out

@@ -1,0 +1,3 @@
+from tests.processes import pipeline
+
+__all__ = ["pipeline"]

@@ -1,0 +1,220 @@
+"""Real faults while a real sender streams: the invariant is that every instance that got
+0x0000 is archived exactly once under its key with its bytes, the spool ends empty and no
+temp file is left behind."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from ingest.keys import instance_key
+from receiver import statuses
+from tests.processes import Pipeline
+from tests.support import make_instance, objects_under, split_part10, wait_for
+
+pytestmark = pytest.mark.faults
+
+
+@dataclass
+class Stream:
+    """A pynetdicom sender on its own thread, one association, recording what it saw."""
+
+    port: int
+    files: list[Path]
+    pause: float = 0.02
+    statuses: dict[Path, int | None] = field(default_factory=dict)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> Stream:
+        threading.Thread(target=self._run, daemon=True).start()
+        return self
+
+    def _run(self) -> None:
+        from pynetdicom import AE, _config
+
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        try:
+            ae = AE(ae_title="FAULTS")
+            ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
+            assoc = ae.associate("127.0.0.1", self.port, ae_title="DICOM-INGEST")
+            for path in self.files:
+                if not assoc.is_established:
+                    break
+                try:
+                    rsp = assoc.send_c_store(path)
+                    self.statuses[path] = int(rsp.Status) if "Status" in rsp else None
+                except Exception:
+                    self.statuses[path] = None
+                    break
+                time.sleep(self.pause)
+            if assoc.is_established:
+                assoc.release()
+        finally:
+            self.done.set()
+
+    @property
+    def acked(self) -> list[Path]:
+        return [p for p, s in self.statuses.items() if s == statuses.SUCCESS]
+
+    def wait(self, timeout: float = 120) -> Stream:
+        assert self.done.wait(timeout), "the sender did not finish"
+        return self
+
+
+def instances(folder: Path, count: int, size: int = 64 * 1024) -> list[Path]:
+    folder.mkdir(exist_ok=True)
+    out = []
+    for i in range(count):
+        make_instance(folder / f"{i:04d}.dcm", pixel_bytes=size)
+        out.append(folder / f"{i:04d}.dcm")
+    return out
+
+
+def key_of(path: Path) -> str:
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return instance_key("", ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+
+
+def assert_invariant(pipeline: Pipeline, acked: list[Path], timeout: float = 120) -> None:
+    """Every acked instance archived with its bytes; spool and temp dir empty."""
+    assert acked, "nothing was acked: the scenario proved nothing"
+    keys = {key_of(p): p for p in acked}
+    wait_for(lambda: set(keys) <= set(objects_under(pipeline.archive)), timeout, 0.2,
+             f"{len(keys)} acked instances archived")
+    archived = objects_under(pipeline.archive)
+    for key, path in keys.items():
+        assert split_part10(archived[key].read_bytes())[1] == split_part10(path.read_bytes())[1]
+    assert not [k for k in archived if k.startswith("quarantine/")]
+    entries = pipeline.settings.spool_dir / "entries"
+    wait_for(lambda: not list(entries.iterdir()), timeout, 0.2, "an empty spool")
+    tmp = pipeline.settings.spool_dir / "tmp"
+    wait_for(lambda: not list(tmp.iterdir()), timeout, 0.2, "no temp files left")
+
+
+def test_worker_killed_mid_stream(pipeline: Pipeline, tmp_path: Path) -> None:
+    files = instances(tmp_path / "in", 40)
+    stream = Stream(pipeline.port, files).start()
+    wait_for(lambda: len(objects_under(pipeline.archive)) >= 5, 60, what="archiving started")
+    worker = pipeline.processes["worker"]
+    subprocess.run(["pkill", "-KILL", "-P", str(worker.pid)], check=False)  # pool children
+    worker.send_signal(signal.SIGKILL)
+    worker.wait(10)
+    pipeline.processes.pop("worker")
+    stream.wait()
+    pipeline.start("worker")
+    assert len(stream.acked) == len(files)
+    assert_invariant(pipeline, stream.acked)
+
+
+def test_receiver_killed_mid_association(pipeline: Pipeline, tmp_path: Path) -> None:
+    files = instances(tmp_path / "in", 60)
+    stream = Stream(pipeline.port, files).start()
+    wait_for(lambda: len(stream.statuses) >= 10, 60, what="ten instances sent")
+    pipeline.stop("receiver", signal.SIGKILL)
+    stream.wait()
+    failed = [p for p, s in stream.statuses.items() if s != statuses.SUCCESS]
+    assert len(failed) <= 1  # only the one in flight may fail
+    pipeline.start("receiver")  # its sweeper removes the dead one's temp file, if any
+    assert_invariant(pipeline, stream.acked)
+
+
+def test_redis_restarted_empty_mid_stream(pipeline: Pipeline, tmp_path: Path,
+                                          redis_url: str) -> None:
+    """Redis loses every queued task: the receiver's own sweeper gets them all archived."""
+    import redis
+
+    pipeline.stop("worker")
+    files = instances(tmp_path / "in", 20)
+    stream = Stream(pipeline.port, files).start().wait()
+    assert len(stream.acked) == len(files)
+    with redis.Redis.from_url(redis_url) as client:
+        client.flushall()  # as if restarted without persistence
+    pipeline.start("worker")
+    assert_invariant(pipeline, stream.acked)
+
+
+def test_s3_down_then_back(tmp_path: Path, redis_url: str, s3_endpoint: str,
+                           bucket: str) -> None:
+    """The S3 service is unreachable while instances arrive: tasks retry with backoff, the
+    spool keeps the data; once S3 answers, everything is archived."""
+    from tests.processes import start_pipeline
+    from tests.support import free_port
+
+    proxy_port = free_port()
+    proxy = TcpProxy(proxy_port, int(s3_endpoint.rsplit(":", 1)[1]))
+    with start_pipeline(tmp_path, redis_url, archive_url=f"s3://{bucket}",
+                        s3_endpoint=f"http://127.0.0.1:{proxy_port}",
+                        s3_access_key="test", s3_secret_key="test",
+                        s3_region="us-east-1") as pipeline:
+        files = instances(tmp_path / "in", 10)
+        stream = Stream(pipeline.port, files).start().wait()
+        assert len(stream.acked) == len(files)
+        time.sleep(1.0)  # let the first attempts fail against the closed port
+        assert len(list((pipeline.settings.spool_dir / "entries").glob("*.json"))) == 10
+        proxy.start()
+        try:
+            from minio import Minio
+
+            client = Minio(s3_endpoint.split("://")[1], access_key="test", secret_key="test",
+                           secure=False, region="us-east-1")
+            keys = {key_of(p) for p in files}
+            wait_for(lambda: keys <= {o.object_name for o in
+                                      client.list_objects(bucket, recursive=True)},
+                     120, 0.5, "every instance in the bucket")
+            wait_for(lambda: not list((pipeline.settings.spool_dir / "entries").iterdir()),
+                     30, what="an empty spool")
+            assert "transient failure" in pipeline.log("worker")
+        finally:
+            proxy.stop()
+
+
+class TcpProxy:
+    """A loopback TCP forwarder we can turn on: the S3 service 'comes back'."""
+
+    def __init__(self, listen: int, target: int) -> None:
+        self.listen, self.target = listen, target
+        self.server: socket.socket | None = None
+        self.stopping = threading.Event()
+
+    def start(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", self.listen))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.server is not None:
+            self.server.close()
+
+    def _accept(self) -> None:
+        assert self.server is not None
+        while not self.stopping.is_set():
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+

@@ -1,0 +1,90 @@
+"""``dicom-ingest receiver`` and ``dicom-ingest worker`` as processes, for e2e and fault tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ingest.settings import Settings, environment
+from tests.support import cli, free_port, port_open, wait_for
+
+
+@dataclass
+class Pipeline:
+    settings: Settings
+    env: dict[str, str]
+    log_dir: Path
+    processes: dict[str, subprocess.Popen[bytes]]
+
+    @property
+    def port(self) -> int:
+        return self.settings.port
+
+    @property
+    def archive(self) -> Path:
+        return Path(self.settings.archive_url)
+
+    def log(self, role: str) -> str:
+        return (self.log_dir / f"{role}.log").read_text(errors="replace")
+
+    def start(self, role: str) -> None:
+        (self.log_dir / f"{role}.log").unlink(missing_ok=True)
+        out = open(self.log_dir / f"{role}.log", "ab")  # noqa: SIM115 - closed with the process
+        self.processes[role] = subprocess.Popen(cli(role), env=self.env, stdout=out,
+                                                stderr=subprocess.STDOUT,
+                                                stdin=subprocess.DEVNULL)
+        out.close()
+        if role == "worker":
+            wait_for(lambda: " ready." in self.log("worker")
+                     or self.processes[role].poll() is not None, 60, what="the worker")
+            assert self.processes[role].poll() is None, self.log("worker")
+        if role == "receiver":
+            wait_for(lambda: port_open(self.port) or self.processes[role].poll() is not None,
+                     30, what="the receiver's port")
+            assert self.processes[role].poll() is None, self.log("receiver")
+
+    def stop(self, role: str, sig: int = signal.SIGTERM) -> int:
+        proc = self.processes.pop(role)
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        try:
+            return proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+
+@contextlib.contextmanager
+def start_pipeline(tmp_path: Path, redis_url: str, **overrides: Any) -> Iterator[Pipeline]:
+    """Receiver and worker processes on a free port, spool and archive under ``tmp_path``;
+    a short sweep age so that recovery does not wait five minutes."""
+    values: dict[str, Any] = dict(
+        host="127.0.0.1", port=free_port(), spool_dir=tmp_path / "spool",
+        archive_url=str(tmp_path / "archive"), redis_url=redis_url, spool_min_free_mb=0,
+        sweep_interval=1, sweep_age=3, worker_concurrency=2,
+    )
+    settings = Settings(**(values | overrides))
+    env = dict(os.environ) | environment(settings)
+    env["PYTHONWARNINGS"] = "ignore"
+    running = Pipeline(settings, env, tmp_path, {})
+    try:
+        running.start("worker")
+        running.start("receiver")
+        yield running
+    finally:
+        for role in list(running.processes):
+            running.stop(role)
+
+
+@pytest.fixture
+def pipeline(tmp_path: Path, redis_url: str) -> Iterator[Pipeline]:
+    with start_pipeline(tmp_path, redis_url) as running:
+        yield running
