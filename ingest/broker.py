@@ -40,6 +40,17 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+def queue_length(redis_url: str) -> int | None:
+    """Messages waiting in the archive queue, or None when Redis cannot be reached."""
+    import redis
+
+    try:
+        with redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2) as r:
+            return int(r.llen(QUEUE))
+    except redis.RedisError:
+        return None
+
+
 def make_celery(settings: Settings, main: str) -> Celery:
     app = Celery(main, set_as_current=False)
     app.conf.update(celery_config(settings))

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -98,9 +96,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds after which an entry is re-enqueued (INGEST_SWEEP_AGE)",
     )
 
-    status = sub.add_parser("status", help="spool depth, oldest entry, queue length")
+    status = sub.add_parser("status", help="spool depth, oldest entry, queue length, "
+                            "quarantine count, workers seen")
     _common(status)
     status.add_argument("--json", action="store_true", help="print JSON")
+
+    quarantine = sub.add_parser("quarantine", help="list quarantined objects or replay them")
+    qsub = quarantine.add_subparsers(dest="action", required=True, metavar="ACTION")
+    qlist = qsub.add_parser("list", help="id, reason, SOP Instance UID, sender, time")
+    _common(qlist)
+    qlist.add_argument("--json", action="store_true", help="print JSON lines")
+    qreplay = qsub.add_parser("replay", help="send quarantined objects through validation "
+                              "again (after a fix or a changed setting)")
+    _common(qreplay)
+    qreplay.add_argument("ids", nargs="*", metavar="ID", help="receipt ids to replay")
+    qreplay.add_argument("--all", action="store_true", help="replay every quarantined object")
     return parser
 
 
@@ -146,18 +156,28 @@ def main(argv: list[str] | None = None) -> int:
         return _sweep(settings)
     if command == "status":
         return _status(settings, as_json=args.json)
+    if command == "quarantine":
+        from ingest import tools
+
+        if args.action == "list":
+            return tools.quarantine_list(settings, as_json=args.json)
+        if not args.ids and not args.all:
+            print("dicom-ingest: name receipt ids to replay, or --all", file=sys.stderr)
+            return 2
+        return tools.quarantine_replay(settings, args.ids, replay_all=args.all)
     raise AssertionError(command)
 
 
 def _sweep(settings: Settings) -> int:
-    from ingest.broker import make_celery
+    from ingest.broker import make_celery, queue_length
     from receiver.publisher import publish
     from receiver.sweeper import sweep_once
 
     spool = Spool(settings.spool_dir)
     spool.ensure()
     app = make_celery(settings, "dicom-ingest-sweep")
-    result = sweep_once(spool, lambda rid: publish(app, rid), settings.sweep_age)
+    result = sweep_once(spool, lambda rid: publish(app, rid), settings.sweep_age,
+                        queue_length=lambda: queue_length(settings.redis_url))
     print(
         f"requeued {result.requeued}, pending {result.pending}, orphans removed "
         f"{result.removed_orphans}, temp files removed {result.removed_temp}"
@@ -173,33 +193,9 @@ def _sweep(settings: Settings) -> int:
 
 
 def _status(settings: Settings, as_json: bool) -> int:
-    spool = Spool(settings.spool_dir)
-    spool.ensure()
-    ids = spool.receipt_ids()
-    oldest = None
-    if ids:
-        receipt = spool.read_receipt(ids[0])
-        oldest = time.time() - receipt.received_at if receipt else None
-    queue_length: int | None = None
-    try:
-        import redis
+    from ingest import tools
 
-        from ingest.messages import QUEUE
-
-        client = redis.Redis.from_url(
-            settings.redis_url, socket_connect_timeout=2, socket_timeout=2
-        )
-        queue_length = int(client.llen(QUEUE))
-    except Exception as exc:
-        print(f"dicom-ingest: broker unreachable at {settings.redis_url}: {exc}", file=sys.stderr)
-    report = {"spool_depth": len(ids), "oldest_age_seconds": oldest, "queue_length": queue_length}
-    if as_json:
-        print(json.dumps(report))
-    else:
-        age = "-" if oldest is None else f"{oldest:.0f} s"
-        queue = "unknown" if queue_length is None else str(queue_length)
-        print(f"spool depth {len(ids)}, oldest entry {age}, queue length {queue}")
-    return 0
+    return tools.status(settings, as_json)
 
 
 if __name__ == "__main__":

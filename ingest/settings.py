@@ -43,6 +43,9 @@ class Settings:
     require_called_aet: bool = False
     duplicate_policy: str = "reject"
     spool_min_free_mb: int = 512
+    spool_max_depth: int = 0  # 0: no limit
+    spool_max_age: float = 0.0  # seconds; 0: no limit
+    poison_max_attempts: int = 5
     log_format: str = "text"
     log_level: str = "INFO"
     worker_concurrency: int = 0  # 0: one process per core
@@ -154,6 +157,12 @@ def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Sett
         values["duplicate_policy"] = _choice("DUPLICATE_POLICY", v, DUPLICATE_POLICIES)
     if (v := get("SPOOL_MIN_FREE_MB")) is not None:
         values["spool_min_free_mb"] = _int("SPOOL_MIN_FREE_MB", v)
+    if (v := get("SPOOL_MAX_DEPTH")) is not None:
+        values["spool_max_depth"] = _int("SPOOL_MAX_DEPTH", v)
+    if (v := get("SPOOL_MAX_AGE")) is not None:
+        values["spool_max_age"] = float(_int("SPOOL_MAX_AGE", v))
+    if (v := get("POISON_MAX_ATTEMPTS")) is not None:
+        values["poison_max_attempts"] = _int("POISON_MAX_ATTEMPTS", v, minimum=1)
     if (v := get("LOG_FORMAT")) is not None:
         values["log_format"] = _choice("LOG_FORMAT", v, LOG_FORMATS)
     if (v := get("LOG_LEVEL")) is not None:
@@ -190,6 +199,9 @@ def environment(settings: Settings) -> dict[str, str]:
         "REQUIRE_CALLED_AET": str(settings.require_called_aet).lower(),
         "DUPLICATE_POLICY": settings.duplicate_policy,
         "SPOOL_MIN_FREE_MB": str(settings.spool_min_free_mb),
+        "SPOOL_MAX_DEPTH": str(settings.spool_max_depth),
+        "SPOOL_MAX_AGE": str(int(settings.spool_max_age)),
+        "POISON_MAX_ATTEMPTS": str(settings.poison_max_attempts),
         "LOG_FORMAT": settings.log_format,
         "LOG_LEVEL": settings.log_level.lower(),
         "WORKER_CONCURRENCY": str(settings.worker_concurrency),

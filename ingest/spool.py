@@ -11,6 +11,7 @@ Layout under the spool root (one filesystem, so that ``rename`` is atomic):
 
 from __future__ import annotations
 
+import calendar
 import contextlib
 import errno
 import fcntl
@@ -68,6 +69,11 @@ def new_receipt_id(now: float | None = None) -> str:
     """A time-sortable, path-safe id: ``YYYYMMDDTHHMMSS-<16 hex>`` (UTC)."""
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(time.time() if now is None else now))
     return f"{stamp}-{secrets.token_hex(8)}"
+
+
+def receipt_time(receipt_id: str) -> float:
+    """The receive time (to the second) encoded in a receipt id."""
+    return calendar.timegm(time.strptime(receipt_id[:15], "%Y%m%dT%H%M%S"))
 
 
 def fsync_dir(path: Path) -> None:
@@ -140,9 +146,28 @@ class Spool:
             return None
         return Receipt.decode(data)
 
+    def attempts_path(self, receipt_id: str) -> Path:
+        return self.entries / f"{check_receipt_id(receipt_id)}.attempts"
+
+    def begin_attempt(self, receipt_id: str) -> int:
+        """Count one more attempt at an entry and return how many did not end (a worker that
+        crashed or hung mid-task never calls :meth:`end_attempt`): a poison detector."""
+        path = self.attempts_path(receipt_id)
+        try:
+            count = int(path.read_text() or 0) + 1
+        except (FileNotFoundError, ValueError):
+            count = 1
+        path.write_text(str(count))
+        return count
+
+    def end_attempt(self, receipt_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.attempts_path(receipt_id))
+
     def remove(self, receipt_id: str) -> None:
         """Remove an entry: the receipt first (it marks the entry complete), then the file."""
-        for path in (self.receipt_path(receipt_id), self.dcm_path(receipt_id)):
+        for path in (self.receipt_path(receipt_id), self.dcm_path(receipt_id),
+                     self.attempts_path(receipt_id)):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         fsync_dir(self.entries)
@@ -157,6 +182,14 @@ class Spool:
 
     def depth(self) -> int:
         return len(self.receipt_ids())
+
+    def stats(self, now: float | None = None) -> tuple[int, float]:
+        """(number of complete entries, age in seconds of the oldest one, 0 when empty)."""
+        ids = self.receipt_ids()
+        if not ids:
+            return 0, 0.0
+        now = time.time() if now is None else now
+        return len(ids), max(0.0, now - receipt_time(ids[0]))
 
     @contextlib.contextmanager
     def claim(self, receipt_id: str) -> Iterator[bool]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 import struct
 import time
 from dataclasses import dataclass
@@ -29,17 +28,21 @@ class Enqueuer(Protocol):
     def submit(self, receipt_id: str) -> None: ...
 
 
+class Gate(Protocol):
+    def refusal(self) -> str | None: ...
+
+
 @dataclass
 class StoreContext:
     """The C-STORE handler's dependencies."""
 
     spool: Spool
     enqueuer: Enqueuer
-    min_free_bytes: int
+    gate: Gate
 
 
 class SpoolFull(Exception):
-    """The spool's filesystem is below its free-space floor."""
+    """Back-pressure: the spool is below its free-space floor or past a depth or age limit."""
 
 
 def handle_echo(event: Any) -> int:
@@ -87,10 +90,9 @@ def handle_store(event: Any, ctx: StoreContext) -> int:
 
 
 def _spool_instance(event: Any, ctx: StoreContext) -> Receipt:
-    if ctx.min_free_bytes > 0:
-        free = shutil.disk_usage(ctx.spool.entries).free
-        if free < ctx.min_free_bytes:
-            raise SpoolFull(f"{free // 2**20} MB free, floor {ctx.min_free_bytes // 2**20} MB")
+    refusal = ctx.gate.refusal()
+    if refusal is not None:
+        raise SpoolFull(refusal)
     request = event.request
     # pynetdicom streamed preamble, File Meta and the sender's dataset bytes to this file
     # (STORE_RECV_CHUNKED_DATASET, temp dir on the spool filesystem).

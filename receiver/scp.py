@@ -24,10 +24,11 @@ from pynetdicom import (
 )
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from ingest.broker import make_celery
+from ingest.broker import make_celery, queue_length
 from ingest.settings import Settings
 from ingest.spool import Spool
 from receiver.handlers import StoreContext, handle_echo, handle_store
+from receiver.monitor import SpoolMonitor
 from receiver.publisher import Publisher, publish
 from receiver.sweeper import PeriodicSweeper
 
@@ -75,6 +76,7 @@ class Receiver:
     server: Any
     publisher: Publisher
     sweeper: PeriodicSweeper
+    monitor: SpoolMonitor
 
     @property
     def port(self) -> int:
@@ -83,6 +85,7 @@ class Receiver:
     def stop(self) -> None:
         self.server.shutdown()  # no new associations; waits for the serving threads
         self.sweeper.stop()
+        self.monitor.stop()
         self.publisher.stop()
 
 
@@ -98,12 +101,14 @@ def start(settings: Settings) -> Receiver:
     publisher = Publisher(app)
     publisher.start()
     sweeper = PeriodicSweeper(
-        spool, lambda rid: publish(app, rid), settings.sweep_interval, settings.sweep_age
+        spool, lambda rid: publish(app, rid), settings.sweep_interval, settings.sweep_age,
+        queue_length=lambda: queue_length(settings.redis_url),
     )
     sweeper.start()
-    context = StoreContext(
-        spool=spool, enqueuer=publisher, min_free_bytes=settings.spool_min_free_mb * 2**20
-    )
+    monitor = SpoolMonitor(spool, settings.spool_min_free_mb * 2**20, settings.spool_max_depth,
+                           settings.spool_max_age)
+    monitor.start()
+    context = StoreContext(spool=spool, enqueuer=publisher, gate=monitor)
     handlers: list[Any] = [
         (evt.EVT_C_STORE, handle_store, [context]),
         (evt.EVT_C_ECHO, handle_echo),
@@ -114,7 +119,7 @@ def start(settings: Settings) -> Receiver:
     ]
     ae = build_ae(settings)
     server = ae.start_server((settings.host, settings.port), block=False, evt_handlers=handlers)
-    receiver = Receiver(settings, server, publisher, sweeper)
+    receiver = Receiver(settings, server, publisher, sweeper, monitor)
     log.info(
         "receiver %s listening on %s:%d, spool %s, broker %s",
         settings.ae_title,

@@ -24,14 +24,20 @@ class SweepResult:
     enqueue_failed: bool = False
 
 
-def sweep_once(
-    spool: Spool, enqueue: Callable[[str], None], age: float, now: float | None = None
-) -> SweepResult:
+def sweep_once(spool: Spool, enqueue: Callable[[str], None], age: float,
+               now: float | None = None,
+               queue_length: Callable[[], int | None] | None = None) -> SweepResult:
     """One pass. An entry is re-enqueued when its receipt is older than ``age`` seconds;
-    its receipt's mtime is then set to now, so it is re-enqueued at most once per ``age``."""
+    its receipt's mtime is then set to now, so it is re-enqueued at most once per ``age``.
+
+    With ``queue_length``, a pass that finds at least as many messages waiting in the queue as
+    it has old entries re-enqueues nothing: they are most likely still queued behind a
+    backlog, and copying them again would only grow the queue. When Redis lost its queue the
+    length is 0 and everything old is re-enqueued."""
     now = time.time() if now is None else now
     result = SweepResult()
     names = set(os.listdir(spool.entries))
+    old: list[str] = []
     for name in sorted(names):
         path = spool.entries / name
         try:
@@ -41,29 +47,33 @@ def sweep_once(
         if name.endswith(".json"):
             if now - mtime < age:
                 result.pending += 1
-                continue
-            receipt_id = name[: -len(".json")]
-            if result.enqueue_failed:
-                continue
-            try:
-                enqueue(receipt_id)
-            except Exception as exc:
-                log.warning("sweep: enqueue failed (%s); will try again next pass", exc)
-                result.enqueue_failed = True
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                os.utime(path, (now, now))
-            result.requeued += 1
+            else:
+                old.append(name[: -len(".json")])
         elif (
             # a receipt is renamed in after its file and removed before it: a file alone
             # and old is an interrupted write (never acked) or an interrupted removal
-            name.endswith(".dcm")
-            and now - mtime >= age
-            and not (spool.entries / (name[: -len(".dcm")] + ".json")).exists()
+            now - mtime >= age
+            and not (spool.entries / (name.split(".", 1)[0] + ".json")).exists()
         ):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             result.removed_orphans += 1
+    waiting = queue_length() if (queue_length is not None and old) else None
+    if waiting is not None and waiting >= len(old):
+        result.pending += len(old)
+        log.debug("sweep: %d old entries, %d messages queued: nothing re-enqueued",
+                  len(old), waiting)
+        old = []
+    for receipt_id in old:
+        try:
+            enqueue(receipt_id)
+        except Exception as exc:
+            log.warning("sweep: enqueue failed (%s); will try again next pass", exc)
+            result.enqueue_failed = True
+            break
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(spool.receipt_path(receipt_id), (now, now))
+        result.requeued += 1
     for name in os.listdir(spool.tmp):
         path = spool.tmp / name
         with contextlib.suppress(FileNotFoundError):
@@ -71,23 +81,17 @@ def sweep_once(
                 path.unlink()
                 result.removed_temp += 1
     if result.requeued or result.removed_orphans or result.removed_temp:
-        log.info(
-            "sweep: requeued=%d pending=%d orphans_removed=%d temp_removed=%d",
-            result.requeued,
-            result.pending,
-            result.removed_orphans,
-            result.removed_temp,
-        )
+        log.info("sweep: requeued=%d pending=%d orphans_removed=%d temp_removed=%d",
+                 result.requeued, result.pending, result.removed_orphans, result.removed_temp)
     return result
 
 
 class PeriodicSweeper:
     """Runs :func:`sweep_once` every ``interval`` seconds on a daemon thread."""
 
-    def __init__(
-        self, spool: Spool, enqueue: Callable[[str], None], interval: float, age: float
-    ) -> None:
-        self._spool, self._enqueue = spool, enqueue
+    def __init__(self, spool: Spool, enqueue: Callable[[str], None], interval: float,
+                 age: float, queue_length: Callable[[], int | None] | None = None) -> None:
+        self._spool, self._enqueue, self._queue_length = spool, enqueue, queue_length
         self._interval, self._age = interval, age
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sweeper", daemon=True)
@@ -102,6 +106,7 @@ class PeriodicSweeper:
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
             try:
-                sweep_once(self._spool, self._enqueue, self._age)
+                sweep_once(self._spool, self._enqueue, self._age,
+                           queue_length=self._queue_length)
             except Exception:
                 log.exception("sweep pass failed")

@@ -11,6 +11,7 @@ import hashlib
 import io
 import os
 import secrets
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -49,6 +50,18 @@ class Archive(Protocol):
     def versioned_key(self, key: str, suffix: str) -> str:
         """The key under which the ``version`` duplicate policy keeps a second object."""
         ...
+
+    def keeps_versions(self) -> bool:
+        """Whether writing :meth:`versioned_key` keeps the earlier object."""
+        ...
+
+    def list_keys(self, prefix: str) -> list[str]: ...
+
+    def read_bytes(self, key: str) -> bytes: ...
+
+    def download(self, key: str, path: Path) -> None: ...
+
+    def delete(self, key: str) -> None: ...
 
 
 def open_archive(settings: Settings) -> tuple[Archive, str]:
@@ -122,6 +135,31 @@ class LocalArchive:
 
     def versioned_key(self, key: str, suffix: str) -> str:
         return f"{key[: -len('.dcm')]}.{suffix}.dcm" if key.endswith(".dcm") else f"{key}.{suffix}"
+
+    def keeps_versions(self) -> bool:
+        return True
+
+    def list_keys(self, prefix: str) -> list[str]:
+        base = self._path(prefix) if prefix else self.root
+        if not base.is_dir():
+            return []
+        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*")
+                      if p.is_file() and not p.name.startswith("."))
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise TransientError(f"cannot read {key}: {exc}") from exc
+
+    def download(self, key: str, path: Path) -> None:
+        shutil.copyfile(self._path(key), path)
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._path(key).unlink()
 
     def _write(
         self, target: Path, src: io.BufferedIOBase | io.BytesIO, metadata: dict[str, str]
@@ -239,3 +277,46 @@ class S3Archive:
 
     def versioned_key(self, key: str, suffix: str) -> str:
         return key  # the bucket's versioning keeps the earlier object
+
+    def keeps_versions(self) -> bool:
+        try:
+            status = self.client.get_bucket_versioning(self.bucket).status
+        except Exception as exc:
+            raise self._translate(exc, "GET versioning") from exc
+        return bool(status == "Enabled")
+
+    def list_keys(self, prefix: str) -> list[str]:
+        try:
+            return sorted(str(o.object_name) for o in
+                          self.client.list_objects(self.bucket, prefix=prefix, recursive=True))
+        except Exception as exc:
+            raise self._translate(exc, f"LIST {prefix}") from exc
+
+    def read_bytes(self, key: str) -> bytes:
+        from minio.error import S3Error
+
+        try:
+            response = self.client.get_object(self.bucket, key)
+            try:
+                return bytes(response.read())
+            finally:
+                response.close()
+                response.release_conn()
+        except S3Error as exc:
+            if exc.code == "NoSuchKey":
+                raise FileNotFoundError(key) from exc
+            raise self._translate(exc, f"GET {key}") from exc
+        except Exception as exc:
+            raise self._translate(exc, f"GET {key}") from exc
+
+    def download(self, key: str, path: Path) -> None:
+        try:
+            self.client.fget_object(self.bucket, key, str(path))
+        except Exception as exc:
+            raise self._translate(exc, f"GET {key}") from exc
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.remove_object(self.bucket, key)
+        except Exception as exc:
+            raise self._translate(exc, f"DELETE {key}") from exc

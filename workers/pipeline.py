@@ -33,11 +33,13 @@ class Pipeline:
     archive: Archive
     prefix: str
     duplicate_policy: str = "reject"
+    max_attempts: int = 5
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Pipeline:
         archive, prefix = open_archive(settings)
-        return cls(Spool(settings.spool_dir), archive, prefix, settings.duplicate_policy)
+        return cls(Spool(settings.spool_dir), archive, prefix, settings.duplicate_policy,
+                   settings.poison_max_attempts)
 
     def process(self, receipt_id: str) -> Outcome:
         """Handle one spool entry. Idempotent; raises TransientError when storage is down."""
@@ -48,12 +50,21 @@ class Pipeline:
             receipt = self.spool.read_receipt(receipt_id)
             if receipt is None:
                 return Outcome.GONE
+            attempt = self.spool.begin_attempt(receipt_id)
             try:
+                if attempt > self.max_attempts:
+                    raise PermanentError(
+                        errors.POISON,
+                        f"{attempt - 1} attempts at this object never finished (a worker "
+                        f"crashed or was killed while handling it)")
                 instance = inspect(self.spool.dcm_path(receipt_id), receipt)
                 outcome = self._archive(receipt, instance)
             except PermanentError as exc:
                 self._quarantine(receipt, exc)
                 outcome = Outcome.QUARANTINED
+            except TransientError:
+                self.spool.end_attempt(receipt_id)  # it ended; storage was the problem
+                raise
             self.spool.remove(receipt_id)
             return outcome
 
@@ -73,7 +84,13 @@ class Pipeline:
                     f"; policy 'reject' keeps the first",
                 )
             if self.duplicate_policy == "version":
+                if not self.archive.keeps_versions():
+                    raise TransientError(
+                        f"policy 'version' needs versioning on {self.archive.description}; "
+                        "the instance stays in the spool until it is turned on")
                 key = self.archive.versioned_key(key, receipt.receipt_id)
+            log.warning("duplicate receipt=%s key=%s: policy %s", receipt.receipt_id, key,
+                        self.duplicate_policy)
         stored = self.archive.put_file(
             key,
             self.spool.dcm_path(receipt.receipt_id),

@@ -1,0 +1,110 @@
+"""Operator commands: status, quarantine list and replay (the entry points of the CLI)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+from ingest.broker import make_celery, queue_length
+from ingest.settings import Settings
+from ingest.spool import Spool
+
+
+def _redact(url: str) -> str:
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+
+
+def status(settings: Settings, as_json: bool) -> int:
+    from workers.archive import open_archive
+
+    spool = Spool(settings.spool_dir)
+    spool.ensure()
+    depth, oldest = spool.stats()
+    queued = queue_length(settings.redis_url)
+    workers: list[str] | None = None
+    if queued is None:
+        print(f"dicom-ingest: broker unreachable at {_redact(settings.redis_url)}",
+              file=sys.stderr)
+    else:
+        app = make_celery(settings, "dicom-ingest-status")
+        replies = app.control.ping(timeout=1.0) or []
+        workers = sorted(name for reply in replies for name in reply)
+    quarantined: int | None
+    try:
+        archive, prefix = open_archive(settings)
+        from workers import quarantine
+
+        quarantined = len(quarantine.records(archive, prefix))
+    except Exception as exc:  # an operator command: say what is wrong, keep going
+        print(f"dicom-ingest: archive unreachable: {exc}", file=sys.stderr)
+        quarantined = None
+    report: dict[str, Any] = {"spool_depth": depth, "oldest_age_seconds": round(oldest, 1),
+                              "queue_length": queued, "quarantined": quarantined,
+                              "workers": workers}
+    if as_json:
+        print(json.dumps(report))
+        return 0
+
+    def show(value: object) -> str:
+        return "unknown" if value is None else str(value)
+
+    print(f"spool depth      {depth}")
+    print(f"oldest entry     {oldest:.0f} s" if depth else "oldest entry     -")
+    print(f"queue length     {show(queued)}")
+    print(f"quarantined      {show(quarantined)}")
+    print(f"workers          {show(len(workers) if workers is not None else None)}"
+          + (f" ({', '.join(workers)})" if workers else ""))
+    return 0
+
+
+def quarantine_list(settings: Settings, as_json: bool) -> int:
+    from workers.archive import open_archive
+    from workers.quarantine import records
+
+    archive, prefix = open_archive(settings)
+    rows = records(archive, prefix)
+    if as_json:
+        for r in rows:
+            print(json.dumps(r.__dict__))
+        return 0
+    if not rows:
+        print("quarantine is empty")
+        return 0
+    print(f"{'receipt id':33} {'reason':25} {'sender':16} {'received (UTC)':20} SOP Instance UID")
+    for r in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.received_at))
+        print(f"{r.receipt_id:33} {r.reason:25} {r.calling_aet:16} {when:20} "
+              f"{r.sop_instance_uid[:64]}")
+    print(f"{len(rows)} quarantined")
+    return 0
+
+
+def quarantine_replay(settings: Settings, ids: list[str], replay_all: bool) -> int:
+    from ingest.messages import MessageError
+    from receiver.publisher import publish
+    from workers.archive import open_archive
+    from workers.quarantine import records, replay
+
+    archive, prefix = open_archive(settings)
+    spool = Spool(settings.spool_dir)
+    spool.ensure()
+    app = make_celery(settings, "dicom-ingest-replay")
+    targets = [r.receipt_id for r in records(archive, prefix)] if replay_all else ids
+    failed = 0
+    for receipt_id in targets:
+        try:
+            replay(archive, prefix, spool, receipt_id, lambda rid: publish(app, rid))
+            print(f"replayed {receipt_id}")
+        except (MessageError, FileNotFoundError) as exc:
+            failed += 1
+            print(f"dicom-ingest: {receipt_id}: {exc}", file=sys.stderr)
+        except Exception as exc:  # e.g. broker down after the spool write: the sweeper has it
+            failed += 1
+            print(f"dicom-ingest: {receipt_id}: {exc}", file=sys.stderr)
+    print(f"{len(targets) - failed} replayed, {failed} failed")
+    return 1 if failed else 0
