@@ -31,6 +31,8 @@ class Enqueuer(Protocol):
 class Gate(Protocol):
     def refusal(self) -> str | None: ...
 
+    def stored(self) -> None: ...
+
 
 @dataclass
 class StoreContext:
@@ -116,6 +118,7 @@ def _spool_instance(event: Any, ctx: StoreContext) -> Receipt:
         sha256=sha256,
     )
     ctx.spool.commit(path, receipt)
+    ctx.gate.stored()
     return receipt
 
 

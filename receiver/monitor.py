@@ -36,6 +36,10 @@ class SpoolMonitor:
     def refresh(self) -> None:
         self.depth, self.oldest_age = self.spool.stats()
 
+    def stored(self) -> None:
+        """One more entry: counted now, so a burst cannot overshoot the depth limit."""
+        self.depth += 1
+
     def refusal(self) -> str | None:
         """Why a new C-STORE must be refused (``0xA700``), or None when it may proceed."""
         if self.min_free_bytes > 0:

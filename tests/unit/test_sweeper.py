@@ -1,0 +1,86 @@
+"""The sweeper's rules on a real spool directory (the enqueue side is a list here; the
+integration and fault tests drive it against a real Redis)."""
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from ingest.spool import Spool
+from receiver.monitor import SpoolMonitor
+from receiver.sweeper import sweep_once
+from tests.support import make_instance, spool_entry
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    s = Spool(tmp_path / "spool")
+    s.ensure()
+    return s
+
+
+def entry(spool: Spool, tmp_path: Path, age: float = 0.0) -> str:
+    make_instance(tmp_path / "a.dcm")
+    receipt = spool_entry(spool, (tmp_path / "a.dcm").read_bytes())
+    then = time.time() - age
+    os.utime(spool.receipt_path(receipt.receipt_id), (then, then))
+    return str(receipt.receipt_id)
+
+
+def test_old_entries_are_reenqueued_once_per_age(spool: Spool, tmp_path: Path) -> None:
+    old, young = entry(spool, tmp_path, age=100), entry(spool, tmp_path, age=1)
+    sent: list[str] = []
+    result = sweep_once(spool, sent.append, age=50)
+    assert sent == [old] and result.requeued == 1 and result.pending == 1
+    assert sweep_once(spool, sent.append, age=50).requeued == 0  # its clock was reset
+    assert young in spool.receipt_ids()
+
+
+def test_backlog_in_the_queue_is_not_copied(spool: Spool, tmp_path: Path) -> None:
+    entry(spool, tmp_path, age=100)
+    sent: list[str] = []
+    assert sweep_once(spool, sent.append, age=50, queue_length=lambda: 7).requeued == 0
+    assert sweep_once(spool, sent.append, age=50, queue_length=lambda: 0).requeued == 1
+    assert sweep_once(spool, sent.append, age=0, queue_length=lambda: None).requeued == 1
+
+
+def test_broker_down_stops_the_pass_and_keeps_everything(spool: Spool, tmp_path: Path) -> None:
+    entry(spool, tmp_path, age=100)
+    entry(spool, tmp_path, age=100)
+
+    def down(receipt_id: str) -> None:
+        raise ConnectionError("redis is down")
+
+    result = sweep_once(spool, down, age=50)
+    assert result.enqueue_failed and result.requeued == 0
+    assert len(spool.receipt_ids()) == 2
+
+
+def test_leftovers_are_removed_only_when_old(spool: Spool, tmp_path: Path) -> None:
+    (spool.tmp / "tmpabc.dcm").write_bytes(b"partial")
+    orphan = spool.entries / "20260101T000000-0123456789abcdef.dcm"
+    orphan.write_bytes(b"never acked")
+    result = sweep_once(spool, lambda rid: None, age=3600)
+    assert result.removed_temp == 0 and orphan.exists()
+    result = sweep_once(spool, lambda rid: None, age=3600, now=time.time() + 7200)
+    assert result.removed_temp == 1 and result.removed_orphans == 1
+    assert not orphan.exists() and not list(spool.tmp.iterdir())
+
+
+def test_monitor_refuses_past_depth_and_age(spool: Spool, tmp_path: Path) -> None:
+    entry(spool, tmp_path)
+    entry(spool, tmp_path)
+    monitor = SpoolMonitor(spool, max_depth=3)
+    monitor.refresh()
+    assert monitor.refusal() is None
+    entry(spool, tmp_path)
+    monitor.refresh()
+    assert "depth 3" in (monitor.refusal() or "")
+    aged = SpoolMonitor(spool, max_age=60)
+    aged.refresh()
+    assert aged.refusal() is None
+    aged.oldest_age = spool.stats(now=time.time() + 120)[1]
+    assert "oldest spool entry" in (aged.refusal() or "")
+    floor = SpoolMonitor(spool, min_free_bytes=2**62)
+    assert "MB free" in (floor.refusal() or "")
