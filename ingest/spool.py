@@ -157,7 +157,9 @@ class Spool:
             count = int(path.read_text() or 0) + 1
         except (FileNotFoundError, ValueError):
             count = 1
-        path.write_text(str(count))
+        # a full spool disk must not stop the work that frees it: counting is only a hint
+        with contextlib.suppress(OSError):
+            path.write_text(str(count))
         return count
 
     def end_attempt(self, receipt_id: str) -> None:

@@ -102,6 +102,8 @@ def _spool_instance(event: Any, ctx: StoreContext) -> Receipt:
     stream = getattr(request, "_dataset_file", None)
     if stream is not None:
         stream.flush()  # pynetdicom flushes after each fragment, but not an empty dataset
+        if getattr(stream, "error", None) is not None:
+            raise stream.error  # the spool's disk failed while the dataset arrived
     size, sha256, offset = _hash_and_sync(path)
     requestor = event.assoc.requestor
     receipt = Receipt(

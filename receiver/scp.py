@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import tempfile
 import threading
 from dataclasses import dataclass
 from types import FrameType
@@ -27,6 +26,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from ingest.broker import make_celery, queue_length
 from ingest.settings import Settings
 from ingest.spool import Spool
+from receiver import streams
 from receiver.handlers import StoreContext, handle_echo, handle_store
 from receiver.monitor import SpoolMonitor
 from receiver.publisher import Publisher, publish
@@ -96,7 +96,7 @@ def start(settings: Settings) -> Receiver:
     # Stream every incoming dataset to a temp file on the spool filesystem, so memory does not
     # grow with instance size and the finished file can be renamed into the spool.
     _config.STORE_RECV_CHUNKED_DATASET = True
-    tempfile.tempdir = str(spool.tmp)
+    streams.install(spool.tmp)
     app = make_celery(settings, "dicom-ingest-receiver")
     publisher = Publisher(app)
     publisher.start()

@@ -59,6 +59,8 @@ def sweep_once(spool: Spool, enqueue: Callable[[str], None], age: float,
                 path.unlink()
             result.removed_orphans += 1
     waiting = queue_length() if (queue_length is not None and old) else None
+    if old:
+        log.debug("sweep: %d old entries, queue length %s", len(old), waiting)
     if waiting is not None and waiting >= len(old):
         result.pending += len(old)
         log.debug("sweep: %d old entries, %d messages queued: nothing re-enqueued",

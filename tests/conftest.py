@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tempfile
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -103,11 +102,10 @@ def settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture
 def start_receiver() -> Iterator[Any]:
-    """Start the receiver in this process; stopped (and tempfile.tempdir restored) after."""
+    """Start the receiver in this process; stopped after."""
     from receiver import scp
 
     started: list[Any] = []
-    saved = tempfile.tempdir
 
     def start(settings: Settings) -> Any:
         receiver = scp.start(settings)
@@ -117,7 +115,6 @@ def start_receiver() -> Iterator[Any]:
     yield start
     for receiver in started:
         receiver.stop()
-    tempfile.tempdir = saved
 
 
 @pytest.fixture

@@ -52,7 +52,7 @@ def register(app: Celery, make_pipeline: Callable[[], Pipeline], max_retries: in
             return "malformed"
         try:
             return pipeline().process(rid).value
-        except TransientError as exc:
+        except (TransientError, OSError) as exc:  # the spool's disk, a service: not the object
             delay = backoff(self.request.retries)
             log.warning(
                 "receipt=%s transient failure (attempt %d of %d), retry in %.0fs: %s",

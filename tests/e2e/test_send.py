@@ -243,9 +243,9 @@ def test_sweep_command_reenqueues(pipeline: Pipeline, tmp_path: Path) -> None:
     pipeline.stop("worker")
     make_instance(tmp_path / "a.dcm")
     assert pynetdicom_send(pipeline.port, [tmp_path / "a.dcm"]) == [statuses.SUCCESS]
+    pipeline.stop("receiver", signal.SIGTERM)  # no periodic sweeper either
     with redis.Redis.from_url(pipeline.settings.redis_url) as client:
         client.flushdb()  # Redis lost everything
-    pipeline.stop("receiver", signal.SIGTERM)  # no periodic sweeper either
     out = run(cli("sweep", "--age", "0.001"), env=pipeline.env).stdout
     assert "requeued 1" in out
     pipeline.start("worker")

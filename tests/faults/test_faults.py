@@ -10,6 +10,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from tests.processes import Pipeline
 from tests.support import make_instance, objects_under, split_part10, wait_for
 
 pytestmark = pytest.mark.faults
+#: (scenario, sent, acked, archived, quarantined, lost), printed at the end of the run
+RESULTS: list[tuple[str, int, int, int, int, int]] = []
 
 
 @dataclass
@@ -84,7 +87,8 @@ def key_of(path: Path) -> str:
     return instance_key("", ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
 
 
-def assert_invariant(pipeline: Pipeline, acked: list[Path], timeout: float = 120) -> None:
+def assert_invariant(pipeline: Pipeline, acked: list[Path], timeout: float = 120,
+                     scenario: str = "", sent: int = 0, quarantined: int = 0) -> None:
     """Every acked instance archived with its bytes; spool and temp dir empty."""
     assert acked, "nothing was acked: the scenario proved nothing"
     keys = {key_of(p): p for p in acked}
@@ -93,11 +97,15 @@ def assert_invariant(pipeline: Pipeline, acked: list[Path], timeout: float = 120
     archived = objects_under(pipeline.archive)
     for key, path in keys.items():
         assert split_part10(archived[key].read_bytes())[1] == split_part10(path.read_bytes())[1]
-    assert not [k for k in archived if k.startswith("quarantine/")]
+    in_quarantine = [k for k in archived if k.startswith("quarantine/") and k.endswith(".json")]
+    assert len(in_quarantine) == quarantined
     entries = pipeline.settings.spool_dir / "entries"
     wait_for(lambda: not list(entries.iterdir()), timeout, 0.2, "an empty spool")
     tmp = pipeline.settings.spool_dir / "tmp"
     wait_for(lambda: not list(tmp.iterdir()), timeout, 0.2, "no temp files left")
+    good = [k for k in objects_under(pipeline.archive) if not k.startswith("quarantine/")]
+    lost = len(set(keys) - set(good))
+    RESULTS.append((scenario, sent or len(acked), len(acked), len(good), quarantined, lost))
 
 
 def test_worker_killed_mid_stream(pipeline: Pipeline, tmp_path: Path) -> None:
@@ -112,7 +120,8 @@ def test_worker_killed_mid_stream(pipeline: Pipeline, tmp_path: Path) -> None:
     stream.wait()
     pipeline.start("worker")
     assert len(stream.acked) == len(files)
-    assert_invariant(pipeline, stream.acked)
+    assert_invariant(pipeline, stream.acked, scenario="worker SIGKILL mid-stream, restarted",
+                     sent=len(files))
 
 
 def test_receiver_killed_mid_association(pipeline: Pipeline, tmp_path: Path) -> None:
@@ -124,22 +133,34 @@ def test_receiver_killed_mid_association(pipeline: Pipeline, tmp_path: Path) -> 
     failed = [p for p, s in stream.statuses.items() if s != statuses.SUCCESS]
     assert len(failed) <= 1  # only the one in flight may fail
     pipeline.start("receiver")  # its sweeper removes the dead one's temp file, if any
-    assert_invariant(pipeline, stream.acked)
+    assert_invariant(pipeline, stream.acked, scenario="receiver SIGKILL mid-association",
+                     sent=len(stream.statuses))
 
 
-def test_redis_restarted_empty_mid_stream(pipeline: Pipeline, tmp_path: Path,
-                                          redis_url: str) -> None:
-    """Redis loses every queued task: the receiver's own sweeper gets them all archived."""
-    import redis
+def test_redis_killed_and_restarted_empty_mid_stream(tmp_path: Path) -> None:
+    """Redis dies (SIGKILL) mid-stream and comes back empty: the receiver keeps acking (the
+    publish fails, the entry is durable), and its own sweeper re-enqueues everything."""
+    from ingest.embedded import EmbeddedRedis
+    from tests.processes import start_pipeline
 
-    pipeline.stop("worker")
-    files = instances(tmp_path / "in", 20)
-    stream = Stream(pipeline.port, files).start().wait()
-    assert len(stream.acked) == len(files)
-    with redis.Redis.from_url(redis_url) as client:
-        client.flushall()  # as if restarted without persistence
-    pipeline.start("worker")
-    assert_invariant(pipeline, stream.acked)
+    redis = EmbeddedRedis(tmp_path / "redis", persist=False)
+    redis.start()
+    try:
+        with start_pipeline(tmp_path, redis.url) as pipeline:
+            files = instances(tmp_path / "in", 40)
+            stream = Stream(pipeline.port, files, pause=0.05).start()
+            wait_for(lambda: len(stream.statuses) >= 10, 60, what="ten instances sent")
+            assert redis.process is not None
+            redis.process.kill()
+            redis.process.wait()
+            wait_for(lambda: len(stream.statuses) >= 25, 60, what="sends while Redis is down")
+            redis.start()  # same port, nothing in it
+            stream.wait()
+            assert len(stream.acked) == len(files)
+            assert_invariant(pipeline, stream.acked, scenario="Redis SIGKILL mid-stream, "
+                             "restarted empty")
+    finally:
+        redis.stop()
 
 
 def test_s3_down_then_back(tmp_path: Path, redis_url: str, s3_endpoint: str,
@@ -173,6 +194,8 @@ def test_s3_down_then_back(tmp_path: Path, redis_url: str, s3_endpoint: str,
             wait_for(lambda: not list((pipeline.settings.spool_dir / "entries").iterdir()),
                      30, what="an empty spool")
             assert "transient failure" in pipeline.log("worker")
+            RESULTS.append(("S3 down, then back", len(files), len(stream.acked), len(keys), 0,
+                            len(files) - len(stream.acked)))
         finally:
             proxy.stop()
 
@@ -218,3 +241,40 @@ class TcpProxy:
                     sock.shutdown(socket.SHUT_RDWR)
                 sock.close()
 
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, size_mb: int) -> Iterator[Path]:
+    """A tmpfs of ``size_mb`` at ``path`` (root only: skips locally, fails under CI)."""
+    from tests.support import need
+
+    path.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs",
+                              str(path)], capture_output=True).returncode == 0
+    need(mounted, "mounting a small tmpfs (root)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.mark.parametrize("floor_mb", [0, 3])
+def test_spool_disk_full(tmp_path: Path, redis_url: str, floor_mb: int) -> None:
+    """The spool's filesystem fills up (no floor) or reaches its floor: the sender hears a
+    refusal, never 0x0000 for what is not on disk; nothing half-written is archived; once
+    workers drain the spool, everything acked is archived and no temp file is left."""
+    from tests.processes import start_pipeline
+
+    with small_filesystem(tmp_path / "small", 8) as small, start_pipeline(
+        tmp_path, redis_url, spool_dir=small / "spool", spool_min_free_mb=floor_mb
+    ) as pipeline:
+        pipeline.stop("worker")  # nothing drains the spool: it must fill
+        files = instances(tmp_path / "in", 30, size=512 * 1024)
+        stream = Stream(pipeline.port, files, pause=0).start().wait()
+        refused = [p for p, s in stream.statuses.items() if s != statuses.SUCCESS]
+        assert refused, "the spool never filled"
+        acked = stream.acked
+        assert all(stream.statuses[p] in (statuses.OUT_OF_RESOURCES, None) for p in refused)
+        pipeline.start("worker")
+        assert_invariant(pipeline, acked, scenario=f"spool disk full (floor {floor_mb} MB)",
+                         sent=len(stream.statuses))
