@@ -20,6 +20,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # a task not acked within this many seconds is delivered again: it must be
             # longer than the slowest archive (a 1 GB instance to a slow S3)
             "visibility_timeout": settings.visibility_timeout,
+            # look for expired unacked messages at a pace that fits the timeout
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 10)),
+            "unacked_restore_throttle": 1 if settings.visibility_timeout < 100 else 10,
             "socket_timeout": 10,
             "socket_connect_timeout": 5,
             "retry_on_timeout": True,

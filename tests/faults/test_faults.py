@@ -88,7 +88,8 @@ def key_of(path: Path) -> str:
 
 
 def assert_invariant(pipeline: Pipeline, acked: list[Path], timeout: float = 120,
-                     scenario: str = "", sent: int = 0, quarantined: int = 0) -> None:
+                     scenario: str = "", sent: int = 0, quarantined: int = 0,
+                     acked_count: int | None = None) -> None:
     """Every acked instance archived with its bytes; spool and temp dir empty."""
     assert acked, "nothing was acked: the scenario proved nothing"
     keys = {key_of(p): p for p in acked}
@@ -105,7 +106,8 @@ def assert_invariant(pipeline: Pipeline, acked: list[Path], timeout: float = 120
     wait_for(lambda: not list(tmp.iterdir()), timeout, 0.2, "no temp files left")
     good = [k for k in objects_under(pipeline.archive) if not k.startswith("quarantine/")]
     lost = len(set(keys) - set(good))
-    RESULTS.append((scenario, sent or len(acked), len(acked), len(good), quarantined, lost))
+    acked_count = len(acked) if acked_count is None else acked_count
+    RESULTS.append((scenario, sent or acked_count, acked_count, len(good), quarantined, lost))
 
 
 def test_worker_killed_mid_stream(pipeline: Pipeline, tmp_path: Path) -> None:
@@ -203,8 +205,8 @@ def test_s3_down_then_back(tmp_path: Path, redis_url: str, s3_endpoint: str,
 class TcpProxy:
     """A loopback TCP forwarder we can turn on: the S3 service 'comes back'."""
 
-    def __init__(self, listen: int, target: int) -> None:
-        self.listen, self.target = listen, target
+    def __init__(self, listen: int, target: int, delay: float = 0.0) -> None:
+        self.listen, self.target, self.delay = listen, target, delay
         self.server: socket.socket | None = None
         self.stopping = threading.Event()
 
@@ -225,13 +227,14 @@ class TcpProxy:
             except OSError:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.target))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            for a, b, delay in ((client, upstream, self.delay), (upstream, client, 0.0)):
+                threading.Thread(target=self._pipe, args=(a, b, delay), daemon=True).start()
 
     @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(src: socket.socket, dst: socket.socket, delay: float) -> None:
         try:
             while data := src.recv(65536):
+                time.sleep(delay)  # a slow service: every request waits
                 dst.sendall(data)
         except OSError:
             pass
@@ -278,3 +281,73 @@ def test_spool_disk_full(tmp_path: Path, redis_url: str, floor_mb: int) -> None:
         pipeline.start("worker")
         assert_invariant(pipeline, acked, scenario=f"spool disk full (floor {floor_mb} MB)",
                          sent=len(stream.statuses))
+
+
+def test_task_slower_than_visibility_timeout(tmp_path: Path, redis_url: str,
+                                             s3_endpoint: str, bucket: str) -> None:
+    """Each archive takes longer than the broker's visibility timeout, so Redis hands the task
+    to a second worker process while the first still runs it: still one object per instance
+    (one version in a versioned bucket), nothing quarantined."""
+    from minio import Minio
+    from minio.versioningconfig import ENABLED, VersioningConfig
+
+    from tests.processes import start_pipeline
+    from tests.support import free_port
+
+    client = Minio(s3_endpoint.split("://")[1], access_key="test", secret_key="test",
+                   secure=False, region="us-east-1")
+    client.set_bucket_versioning(bucket, VersioningConfig(ENABLED))
+    proxy_port = free_port()
+    proxy = TcpProxy(proxy_port, int(s3_endpoint.rsplit(":", 1)[1]), delay=1.5)
+    proxy.start()
+    try:
+        with start_pipeline(tmp_path, redis_url, archive_url=f"s3://{bucket}",
+                            s3_endpoint=f"http://127.0.0.1:{proxy_port}", s3_access_key="test",
+                            s3_secret_key="test", s3_region="us-east-1",
+                            visibility_timeout=2, sweep_age=600) as pipeline:
+            files = instances(tmp_path / "in", 3)
+            stream = Stream(pipeline.port, files).start().wait()
+            assert len(stream.acked) == 3
+            keys = {key_of(p) for p in files}
+            wait_for(lambda: not list((pipeline.settings.spool_dir / "entries").iterdir()),
+                     120, 0.5, "an empty spool")
+            versions = [v for v in client.list_objects(bucket, recursive=True,
+                                                       include_version=True)]
+            assert sorted(v.object_name for v in versions) == sorted(keys)
+            log = pipeline.log("worker")
+            assert "'busy'" in log or "'gone'" in log or "'already-archived'" in log, \
+                "no duplicate delivery happened: the scenario proved nothing"
+            RESULTS.append(("task slower than the visibility timeout", 3, 3, len(versions), 0,
+                            len(keys) - len(versions)))
+    finally:
+        proxy.stop()
+
+
+def test_poison_object_is_quarantined_once(pipeline: Pipeline, tmp_path: Path) -> None:
+    """An object that can never be decoded is quarantined on its first attempt, and nothing
+    brings it back: no retry loop, no sweeper loop."""
+    from pydicom.uid import generate_uid
+
+    from tests.support import pynetdicom_send, raw_part10
+
+    poison = tmp_path / "poison.dcm"
+    poison.write_bytes(raw_part10("1.2.840.10008.5.1.4.1.1.2", generate_uid(),
+                                  b"\x08\x00\x16\x00UI\xff\xff" + b"\xde\xad" * 1000))
+    good = instances(tmp_path / "in", 3)
+    assert pynetdicom_send(pipeline.port, [poison, *good]) == [statuses.SUCCESS] * 4
+    time.sleep(pipeline.settings.sweep_age + 2 * pipeline.settings.sweep_interval)
+    assert_invariant(pipeline, good, scenario="poison object among good ones", sent=4,
+                     quarantined=1, acked_count=4)
+    assert pipeline.log("worker").count("quarantined receipt=") == 1
+
+
+def test_same_instance_sent_twice(pipeline: Pipeline, tmp_path: Path) -> None:
+    """A modality resends a study (same SOP Instance UIDs, same bytes): one object each."""
+    from tests.support import pynetdicom_send
+
+    files = instances(tmp_path / "in", 5)
+    assert pynetdicom_send(pipeline.port, files) == [statuses.SUCCESS] * 5
+    assert pynetdicom_send(pipeline.port, files) == [statuses.SUCCESS] * 5
+    assert_invariant(pipeline, files, scenario="same instances sent twice", sent=10,
+                     acked_count=10)
+    assert len(objects_under(pipeline.archive)) == 5
