@@ -69,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path("./data"),
         help="where the embedded Redis keeps its data (default ./data)",
     )
+    up.add_argument("--flower", action="store_true", help="also run Flower on 127.0.0.1 "
+                    "(INGEST_FLOWER_PORT, default 5555; login INGEST_FLOWER_BASIC_AUTH, or one "
+                    "generated and printed)")
+
+    flower = sub.add_parser("flower", help="run Flower, Celery's dashboard, on the broker; "
+                            "basic auth from INGEST_FLOWER_BASIC_AUTH (user:password)")
+    _common(flower)
+    flower.add_argument("--address", default="0.0.0.0", help="listen address")
 
     receiver = sub.add_parser("receiver", help="run the Storage SCP (C-STORE, C-ECHO)")
     _scp(receiver)
@@ -151,7 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     if command == "up":
         from ingest import up
 
-        return up.run(settings, args.data)
+        return up.run(settings, args.data, flower=args.flower)
+    if command == "flower":
+        from ingest import flower
+
+        return flower.run(settings, args.address)
     if command == "sweep":
         return _sweep(settings)
     if command == "status":

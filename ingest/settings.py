@@ -51,6 +51,14 @@ class Settings:
     worker_concurrency: int = 0  # 0: one process per core
     task_max_retries: int = 8
     visibility_timeout: int = 3600
+    metrics_port: int = 0  # 0: no /metrics endpoint
+    worker_metrics_port: int = 0
+    shutdown_timeout: float = 30.0  # seconds in-flight associations get after SIGTERM
+    tls_cert: str = ""
+    tls_key: str = field(default="", repr=False)
+    tls_ca: str = ""
+    flower_port: int = 5555
+    flower_basic_auth: str = field(default="", repr=False)  # user:password
 
     @property
     def entries_dir(self) -> Path:
@@ -173,7 +181,26 @@ def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Sett
         values["task_max_retries"] = _int("TASK_MAX_RETRIES", v)
     if (v := get("VISIBILITY_TIMEOUT")) is not None:
         values["visibility_timeout"] = _int("VISIBILITY_TIMEOUT", v, minimum=1)
+    if (v := get("METRICS_PORT")) is not None:
+        values["metrics_port"] = _int("METRICS_PORT", v)
+    if (v := get("WORKER_METRICS_PORT")) is not None:
+        values["worker_metrics_port"] = _int("WORKER_METRICS_PORT", v)
+    if (v := get("SHUTDOWN_TIMEOUT")) is not None:
+        values["shutdown_timeout"] = _float("SHUTDOWN_TIMEOUT", v)
+    for name in ("TLS_CERT", "TLS_KEY", "TLS_CA"):
+        if (v := get(name)) is not None:
+            values[name.lower()] = v
+    if (v := get("FLOWER_PORT")) is not None:
+        values["flower_port"] = _int("FLOWER_PORT", v)
+    if (v := get("FLOWER_BASIC_AUTH")) is not None:
+        if ":" not in v:
+            raise SettingsError(f"{PREFIX}FLOWER_BASIC_AUTH: expected user:password")
+        values["flower_basic_auth"] = v
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if bool(values.get("tls_cert")) != bool(values.get("tls_key")):
+        raise SettingsError(f"{PREFIX}TLS_CERT and {PREFIX}TLS_KEY go together")
+    if values.get("tls_ca") and not values.get("tls_cert"):
+        raise SettingsError(f"{PREFIX}TLS_CA needs {PREFIX}TLS_CERT and {PREFIX}TLS_KEY")
     return Settings(**values)
 
 
@@ -207,6 +234,14 @@ def environment(settings: Settings) -> dict[str, str]:
         "WORKER_CONCURRENCY": str(settings.worker_concurrency),
         "TASK_MAX_RETRIES": str(settings.task_max_retries),
         "VISIBILITY_TIMEOUT": str(settings.visibility_timeout),
+        "METRICS_PORT": str(settings.metrics_port),
+        "WORKER_METRICS_PORT": str(settings.worker_metrics_port),
+        "SHUTDOWN_TIMEOUT": str(settings.shutdown_timeout),
+        "TLS_CERT": settings.tls_cert,
+        "TLS_KEY": settings.tls_key,
+        "TLS_CA": settings.tls_ca,
+        "FLOWER_PORT": str(settings.flower_port),
+        "FLOWER_BASIC_AUTH": settings.flower_basic_auth,
     }
     return {PREFIX + k: v for k, v in env.items()}
 

@@ -23,7 +23,7 @@ def _child(role: str, env: dict[str, str], *args: str) -> subprocess.Popen[bytes
     )
 
 
-def run(settings: Settings, data_dir: Path) -> int:
+def run(settings: Settings, data_dir: Path, flower: bool = False) -> int:
     """Start everything, wait for Ctrl-C or SIGTERM (or a child's death), stop in order."""
     redis: EmbeddedRedis | None = None
     if not settings.redis_url_explicit:
@@ -44,6 +44,8 @@ def run(settings: Settings, data_dir: Path) -> int:
     try:
         children.append(("receiver", _child("receiver", env)))
         children.append(("worker", _child("worker", env)))
+        if flower:
+            children.append(("flower", _child("flower", env, "--address", "127.0.0.1")))
         log.info(
             "pipeline up: send to %s on port %d; archive %s; Ctrl-C stops it",
             settings.ae_title,

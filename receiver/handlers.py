@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from ingest.spool import Receipt, Spool, new_receipt_id
 from receiver import statuses
+from receiver.metrics import ReceiverMetrics
 
 log = logging.getLogger("dicom_ingest.receiver")
 
@@ -41,6 +42,7 @@ class StoreContext:
     spool: Spool
     enqueuer: Enqueuer
     gate: Gate
+    metrics: ReceiverMetrics
 
 
 class SpoolFull(Exception):
@@ -54,40 +56,36 @@ def handle_echo(event: Any) -> int:
 def handle_store(event: Any, ctx: StoreContext) -> int:
     """Make the instance durable, then answer. No exception leaves this function."""
     started = time.monotonic()
-    requestor = event.assoc.requestor
-    calling = str(requestor.ae_title).strip()
+    calling = str(event.assoc.requestor.ae_title).strip()
+    status = _store(event, ctx, calling)
+    ctx.metrics.cstores.labels(f"0x{status:04X}", calling).inc()
+    ctx.metrics.ack_seconds.observe(time.monotonic() - started)
+    return status
+
+
+def _store(event: Any, ctx: StoreContext, calling: str) -> int:
     sop_instance = str(getattr(event.request, "AffectedSOPInstanceUID", ""))
     try:
         receipt = _spool_instance(event, ctx)
     except SpoolFull as exc:
-        log.warning("C-STORE from %s refused 0xA700: %s sop=%s", calling, exc, sop_instance)
+        log.warning("C-STORE status=0xA700 calling=%s sop=%s: %s", calling, sop_instance, exc)
         return statuses.OUT_OF_RESOURCES
     except OSError as exc:
-        log.error(
-            "C-STORE from %s refused 0xA700: spool write failed: %s sop=%s",
-            calling,
-            exc,
-            sop_instance,
-        )
+        log.error("C-STORE status=0xA700 calling=%s sop=%s: spool write failed: %s",
+                  calling, sop_instance, exc)
         return statuses.OUT_OF_RESOURCES
     except Exception:
-        log.exception(
-            "C-STORE from %s refused 0xA7FF: unexpected error sop=%s", calling, sop_instance
-        )
+        log.exception("C-STORE status=0xA7FF calling=%s sop=%s: unexpected error",
+                      calling, sop_instance)
         return statuses.OUT_OF_RESOURCES_UNEXPECTED
     try:
         ctx.enqueuer.submit(receipt.receipt_id)
     except Exception:  # the entry is durable; the sweeper will enqueue it
         log.exception("enqueue hand-off failed for receipt %s", receipt.receipt_id)
-    log.info(
-        "C-STORE ok receipt=%s sop=%s calling=%s bytes=%d ts=%s ms=%.1f",
-        receipt.receipt_id,
-        receipt.sop_instance_uid,
-        calling,
-        receipt.size,
-        receipt.transfer_syntax,
-        (time.monotonic() - started) * 1000,
-    )
+    ctx.metrics.bytes.inc(receipt.size)
+    log.info("C-STORE status=0x0000 receipt=%s sop=%s calling=%s bytes=%d ts=%s",
+             receipt.receipt_id, receipt.sop_instance_uid, calling, receipt.size,
+             receipt.transfer_syntax)
     return statuses.SUCCESS
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 
 from celery import Celery
 
@@ -30,8 +31,10 @@ def publish(app: Celery, receipt_id: str) -> None:
 class Publisher:
     """A bounded hand-off queue drained by one thread that publishes to the broker."""
 
-    def __init__(self, app: Celery, capacity: int = 10_000) -> None:
+    def __init__(self, app: Celery, capacity: int = 10_000,
+                 on_failure: Callable[[], None] | None = None) -> None:
         self._app = app
+        self._on_failure = on_failure
         self._queue: queue.Queue[str] = queue.Queue(maxsize=capacity)
         self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
         self.failures = 0
@@ -62,6 +65,8 @@ class Publisher:
                 publish(self._app, receipt_id)
             except Exception as exc:  # broker down: the sweeper re-enqueues from the spool
                 self.failures += 1
+                if self._on_failure is not None:
+                    self._on_failure()
                 log.warning(
                     "enqueue failed for receipt %s (%s); the sweeper will retry it", receipt_id, exc
                 )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import signal
+import ssl
 import threading
+import time
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -27,7 +29,9 @@ from ingest.broker import make_celery, queue_length
 from ingest.settings import Settings
 from ingest.spool import Spool
 from receiver import streams
+from receiver.associations import AssociationContext, on_accepted, on_ended, on_rejected
 from receiver.handlers import StoreContext, handle_echo, handle_store
+from receiver.metrics import ReceiverMetrics
 from receiver.monitor import SpoolMonitor
 from receiver.publisher import Publisher, publish
 from receiver.sweeper import PeriodicSweeper
@@ -57,15 +61,19 @@ def build_ae(settings: Settings) -> AE:
     return ae
 
 
-def _log_association(event: Any) -> None:
-    requestor = event.assoc.requestor
-    log.info(
-        "association %s from %s (%s:%s)",
-        event.event.name.lower().replace("evt_", ""),
-        str(requestor.ae_title).strip(),
-        requestor.address,
-        requestor.port,
-    )
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """DICOM TLS from the settings; with a CA, clients must present a certificate it signed."""
+    if not settings.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    if settings.tls_ca:
+        context.load_verify_locations(cafile=settings.tls_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    else:
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 @dataclass
@@ -77,13 +85,29 @@ class Receiver:
     publisher: Publisher
     sweeper: PeriodicSweeper
     monitor: SpoolMonitor
+    metrics: ReceiverMetrics
 
     @property
     def port(self) -> int:
         return int(self.server.server_address[1])
 
-    def stop(self) -> None:
-        self.server.shutdown()  # no new associations; waits for the serving threads
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop taking associations, give the running ones ``timeout`` seconds to finish
+        (then abort them: their in-flight instance was never acked), publish what is queued."""
+        timeout = self.settings.shutdown_timeout if timeout is None else timeout
+        self.server.shutdown()  # closes the listening socket
+        deadline = time.monotonic() + timeout
+        running = self.server.active_associations
+        if running:
+            log.info("receiver: waiting up to %.0f s for %d association(s) to finish",
+                     timeout, len(running))
+        while running and time.monotonic() < deadline:
+            time.sleep(0.05)
+            running = self.server.active_associations
+        for assoc in running:
+            log.warning("receiver: aborting an association from %s at the deadline",
+                        str(assoc.requestor.ae_title).strip())
+            assoc.abort()
         self.sweeper.stop()
         self.monitor.stop()
         self.publisher.stop()
@@ -97,8 +121,9 @@ def start(settings: Settings) -> Receiver:
     # grow with instance size and the finished file can be renamed into the spool.
     _config.STORE_RECV_CHUNKED_DATASET = True
     streams.install(spool.tmp)
+    metrics = ReceiverMetrics()
     app = make_celery(settings, "dicom-ingest-receiver")
-    publisher = Publisher(app)
+    publisher = Publisher(app, on_failure=metrics.enqueue_failures.inc)
     publisher.start()
     sweeper = PeriodicSweeper(
         spool, lambda rid: publish(app, rid), settings.sweep_interval, settings.sweep_age,
@@ -108,26 +133,27 @@ def start(settings: Settings) -> Receiver:
     monitor = SpoolMonitor(spool, settings.spool_min_free_mb * 2**20, settings.spool_max_depth,
                            settings.spool_max_age)
     monitor.start()
-    context = StoreContext(spool=spool, enqueuer=publisher, gate=monitor)
+    metrics.spool_depth.set_function(lambda: monitor.depth)
+    metrics.spool_oldest.set_function(lambda: monitor.oldest_age)
+    context = StoreContext(spool=spool, enqueuer=publisher, gate=monitor, metrics=metrics)
+    associations = AssociationContext(settings, metrics)
     handlers: list[Any] = [
         (evt.EVT_C_STORE, handle_store, [context]),
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_ACCEPTED, _log_association),
-        (evt.EVT_REJECTED, _log_association),
-        (evt.EVT_RELEASED, _log_association),
-        (evt.EVT_ABORTED, _log_association),
+        (evt.EVT_ACCEPTED, on_accepted, [associations]),
+        (evt.EVT_REJECTED, on_rejected, [associations]),
+        (evt.EVT_RELEASED, on_ended),
+        (evt.EVT_ABORTED, on_ended),
     ]
     ae = build_ae(settings)
-    server = ae.start_server((settings.host, settings.port), block=False, evt_handlers=handlers)
-    receiver = Receiver(settings, server, publisher, sweeper, monitor)
-    log.info(
-        "receiver %s listening on %s:%d, spool %s, broker %s",
-        settings.ae_title,
-        settings.host,
-        receiver.port,
-        settings.spool_dir,
-        _redact(settings.redis_url),
-    )
+    server = ae.start_server((settings.host, settings.port), block=False, evt_handlers=handlers,
+                             ssl_context=tls_context(settings))
+    if settings.metrics_port:
+        metrics.serve(settings.metrics_port)
+    receiver = Receiver(settings, server, publisher, sweeper, monitor, metrics)
+    log.info("receiver %s listening on %s:%d%s, spool %s, broker %s", settings.ae_title,
+             settings.host, receiver.port, " (TLS)" if settings.tls_cert else "",
+             settings.spool_dir, _redact(settings.redis_url))
     return receiver
 
 

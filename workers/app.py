@@ -9,7 +9,7 @@ from celery import Celery
 from ingest.broker import make_celery
 from ingest.messages import QUEUE
 from ingest.settings import Settings
-from workers import tasks
+from workers import metrics, tasks
 from workers.pipeline import Pipeline
 
 
@@ -24,6 +24,10 @@ def create_app(settings: Settings) -> Celery:
 def run(settings: Settings, extra_args: list[str] | None = None) -> int:
     """Run a worker in this process (prefork pool); SIGTERM is a warm shutdown."""
     Pipeline.from_settings(settings).spool.ensure()
+    metrics_dir = None
+    if settings.worker_metrics_port:
+        metrics_dir = metrics.prepare()  # before any prometheus_client import
+        metrics.serve(settings.worker_metrics_port, metrics_dir)
     app = create_app(settings)
     argv = [
         "worker",
@@ -36,5 +40,9 @@ def run(settings: Settings, extra_args: list[str] | None = None) -> int:
         "--without-gossip",
         "-E",
     ]
-    app.worker_main(argv + list(extra_args or []))
+    try:
+        app.worker_main(argv + list(extra_args or []))
+    finally:
+        if metrics_dir is not None:
+            metrics.cleanup(metrics_dir)
     return 0

@@ -6,6 +6,7 @@ import enum
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from ingest.keys import instance_key, quarantine_keys
@@ -34,6 +35,8 @@ class Pipeline:
     prefix: str
     duplicate_policy: str = "reject"
     max_attempts: int = 5
+    #: told of every finished entry: (outcome, receipt, quarantine reason or None)
+    observer: Callable[[Outcome, Receipt, str | None], None] | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Pipeline:
@@ -51,6 +54,7 @@ class Pipeline:
             if receipt is None:
                 return Outcome.GONE
             attempt = self.spool.begin_attempt(receipt_id)
+            reason: str | None = None
             try:
                 if attempt > self.max_attempts:
                     raise PermanentError(
@@ -61,11 +65,13 @@ class Pipeline:
                 outcome = self._archive(receipt, instance)
             except PermanentError as exc:
                 self._quarantine(receipt, exc)
-                outcome = Outcome.QUARANTINED
+                outcome, reason = Outcome.QUARANTINED, exc.code
             except TransientError:
                 self.spool.end_attempt(receipt_id)  # it ended; storage was the problem
                 raise
             self.spool.remove(receipt_id)
+            if self.observer is not None:
+                self.observer(outcome, receipt, reason)
             return outcome
 
     def _archive(self, receipt: Receipt, instance: Instance) -> Outcome:

@@ -5,14 +5,17 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
 
 from ingest.messages import ARCHIVE_TASK, MessageError, check_receipt_id
+from ingest.spool import Receipt
+from workers import metrics
 from workers.errors import TransientError
-from workers.pipeline import Pipeline
+from workers.pipeline import Outcome, Pipeline
 
 log = logging.getLogger("dicom_ingest.worker")
 
@@ -20,6 +23,18 @@ log = logging.getLogger("dicom_ingest.worker")
 def backoff(retries: int) -> float:
     """Seconds before retry number ``retries + 1``: exponential, capped, with jitter."""
     return float(min(2**retries, 120)) * random.uniform(0.8, 1.2)
+
+
+def observe(outcome: Outcome, receipt: Receipt, reason: str | None) -> None:
+    """Count what the pipeline finished (per pool process; summed by /metrics)."""
+    m = metrics.get()
+    if outcome is Outcome.ARCHIVED:
+        m["archived"].inc()
+        m["latency"].observe(max(0.0, time.time() - receipt.received_at))
+    elif outcome is Outcome.ALREADY_ARCHIVED:
+        m["duplicates"].inc()
+    elif outcome is Outcome.QUARANTINED:
+        m["quarantined"].labels(reason or "unknown").inc()
 
 
 def register(app: Celery, make_pipeline: Callable[[], Pipeline], max_retries: int) -> None:
@@ -32,6 +47,7 @@ def register(app: Celery, make_pipeline: Callable[[], Pipeline], max_retries: in
         if pid not in cache:
             cache.clear()
             cache[pid] = make_pipeline()
+            cache[pid].observer = observe
         return cache[pid]
 
     @app.task(  # type: ignore[untyped-decorator]
@@ -54,6 +70,7 @@ def register(app: Celery, make_pipeline: Callable[[], Pipeline], max_retries: in
             return pipeline().process(rid).value
         except (TransientError, OSError) as exc:  # the spool's disk, a service: not the object
             delay = backoff(self.request.retries)
+            metrics.get()["retries"].inc()
             log.warning(
                 "receipt=%s transient failure (attempt %d of %d), retry in %.0fs: %s",
                 rid,
