@@ -97,13 +97,13 @@ class Receiver:
         timeout = self.settings.shutdown_timeout if timeout is None else timeout
         self.server.shutdown()  # closes the listening socket
         deadline = time.monotonic() + timeout
-        running = self.server.active_associations
+        running = self._established()
         if running:
             log.info("receiver: waiting up to %.0f s for %d association(s) to finish",
                      timeout, len(running))
         while running and time.monotonic() < deadline:
             time.sleep(0.05)
-            running = self.server.active_associations
+            running = self._established()
         for assoc in running:
             log.warning("receiver: aborting an association from %s at the deadline",
                         str(assoc.requestor.ae_title).strip())
@@ -111,6 +111,10 @@ class Receiver:
         self.sweeper.stop()
         self.monitor.stop()
         self.publisher.stop()
+
+    def _established(self) -> list[Any]:
+        # a rejected or released association's thread can linger a while: not ours to wait on
+        return [a for a in self.server.active_associations if a.is_established]
 
 
 def start(settings: Settings) -> Receiver:

@@ -1,0 +1,240 @@
+"""Operating it as a hospital would: metrics, AE security, TLS, Flower, graceful shutdown."""
+
+from __future__ import annotations
+
+import base64
+import gc
+import json
+import signal
+import ssl
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from receiver import statuses
+from tests.faults.test_faults import Stream, instances
+from tests.processes import start_pipeline
+from tests.support import (
+    cli,
+    dcmtk,
+    dcmtk_env,
+    free_port,
+    objects_under,
+    port_open,
+    pynetdicom_send,
+    raw_part10,
+    run,
+    wait_for,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def value(metrics: dict[Any, float], name: str, **labels: str) -> float:
+    return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_count_what_was_sent(tmp_path: Path, redis_url: str) -> None:
+    rport, wport = free_port(), free_port()
+    with start_pipeline(tmp_path, redis_url, metrics_port=rport,
+                        worker_metrics_port=wport) as pipeline:
+        files = instances(tmp_path / "in", 5)
+        bad = tmp_path / "bad.dcm"
+        bad.write_bytes(raw_part10("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", b"no dataset"))
+        assert pynetdicom_send(pipeline.port, [*files, bad], calling="CT1") == [0] * 6
+        wait_for(lambda: len(objects_under(pipeline.archive)) == 7, 60, what="the archive")
+
+        r = scrape(rport)
+        assert value(r, "dicom_ingest_cstore_total", status="0x0000", calling_aet="CT1") == 6
+        assert value(r, "dicom_ingest_associations_total", result="accepted", reason="") == 1
+        assert value(r, "dicom_ingest_ack_seconds_count") == 6
+        assert value(r, "dicom_ingest_received_bytes_total") == sum(
+            p.stat().st_size for p in objects_under(pipeline.archive).values()
+            if p.suffix == ".dcm")
+        wait_for(lambda: value(scrape(rport), "dicom_ingest_spool_depth") == 0, 10,
+                 what="spool depth 0")
+
+        def worker_counts() -> bool:
+            w = scrape(wport)
+            return (value(w, "dicom_ingest_archived_total") == 5
+                    and value(w, "dicom_ingest_quarantined_total", reason="truncated")
+                    + value(w, "dicom_ingest_quarantined_total", reason="unreadable") == 1
+                    and value(w, "dicom_ingest_receive_to_archive_seconds_count") == 5)
+
+        wait_for(worker_counts, 30, what="the worker's counts")
+
+
+def test_unknown_calling_ae_is_rejected(tmp_path: Path, redis_url: str) -> None:
+    rport = free_port()
+    with start_pipeline(tmp_path, redis_url, allowed_calling_aets=("CT1", "MR1"),
+                        require_called_aet=True, metrics_port=rport) as pipeline:
+        port = str(pipeline.port)
+        ok = run([dcmtk("echoscu"), "-aet", "CT1", "-aec", "DICOM-INGEST", "127.0.0.1", port],
+                 env=dcmtk_env(), check=False)
+        assert ok.returncode == 0, ok.stderr
+        intruder = run([dcmtk("echoscu"), "-aet", "INTRUDER", "-aec", "DICOM-INGEST",
+                        "127.0.0.1", port], env=dcmtk_env(), check=False)
+        assert intruder.returncode != 0
+        assert "Calling AE Title Not Recognized" in intruder.stdout + intruder.stderr
+        wrong = run([dcmtk("echoscu"), "-aet", "CT1", "-aec", "SOMEONE-ELSE", "127.0.0.1",
+                     port], env=dcmtk_env(), check=False)
+        assert "Called AE Title Not Recognized" in wrong.stdout + wrong.stderr
+        r = scrape(rport)
+        assert value(r, "dicom_ingest_associations_total", result="rejected",
+                     reason="calling-aet-not-allowed") == 1
+        assert value(r, "dicom_ingest_associations_total", result="rejected",
+                     reason="called-aet-mismatch") == 1
+        assert "reason=calling-aet-not-allowed" in pipeline.log("receiver")
+
+
+def make_pki(folder: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, with openssl."""
+    folder.mkdir()
+
+    def openssl(*args: str) -> None:
+        run(["openssl", *args])
+
+    paths = {name: folder / name for name in ("ca.key", "ca.pem", "server.key", "server.pem",
+                                              "client.key", "client.pem", "other.key",
+                                              "other.pem")}
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+            "/CN=test-ca", "-keyout", str(paths["ca.key"]), "-out", str(paths["ca.pem"]))
+    ext = folder / "san.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    for who in ("server", "client"):
+        csr = folder / f"{who}.csr"
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={who}", "-keyout",
+                str(paths[f"{who}.key"]), "-out", str(csr))
+        openssl("x509", "-req", "-in", str(csr), "-CA", str(paths["ca.pem"]), "-CAkey",
+                str(paths["ca.key"]), "-CAcreateserial", "-days", "1", "-extfile", str(ext),
+                "-out", str(paths[f"{who}.pem"]))
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+            "/CN=self-signed", "-keyout", str(paths["other.key"]), "-out",
+            str(paths["other.pem"]))
+    return paths
+
+
+def tls_send(port: int, files: list[Path], pki: dict[str, Path], cert: str) -> list[Any]:
+    from pynetdicom import AE, _config
+
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki["ca.pem"]))
+    context.load_cert_chain(str(pki[f"{cert}.pem"]), str(pki[f"{cert}.key"]))
+    ae = AE(ae_title="TLSCLIENT")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOM-INGEST",
+                         tls_args=(context, "127.0.0.1"))
+    if not assoc.is_established:
+        return []
+    out = [int(assoc.send_c_store(p).Status) for p in files]
+    assoc.release()
+    return out
+
+
+# pynetdicom leaves the client's socket to the garbage collector when the handshake fails
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_dicom_tls_with_client_certificates(tmp_path: Path, redis_url: str) -> None:
+    pki = make_pki(tmp_path / "pki")
+    with start_pipeline(tmp_path, redis_url, tls_cert=str(pki["server.pem"]),
+                        tls_key=str(pki["server.key"]), tls_ca=str(pki["ca.pem"])) as pipeline:
+        files = instances(tmp_path / "in", 3)
+        assert tls_send(pipeline.port, files, pki, "client") == [statuses.SUCCESS] * 3
+        wait_for(lambda: len(objects_under(pipeline.archive)) == 3, 30, what="the archive")
+        # a certificate the CA did not sign gets no association
+        assert tls_send(pipeline.port, files, pki, "other") == []
+        gc.collect()  # while the filter above still applies
+        # and a plain TCP client gets nothing either
+        plain = run([dcmtk("echoscu"), "-aec", "DICOM-INGEST", "127.0.0.1",
+                     str(pipeline.port)], env=dcmtk_env(), check=False)
+        assert plain.returncode != 0
+        assert len(objects_under(pipeline.archive)) == 3
+
+
+def test_sigterm_lets_the_association_finish(tmp_path: Path, redis_url: str) -> None:
+    """SIGTERM mid-stream: no new associations, the running one finishes, every instance
+    that got 0x0000 is archived, the receiver exits 0."""
+    with start_pipeline(tmp_path, redis_url) as pipeline:
+        files = instances(tmp_path / "in", 40)
+        stream = Stream(pipeline.port, files, pause=0.03).start()
+        wait_for(lambda: len(stream.statuses) >= 5, 30, what="five sent")
+        receiver = pipeline.processes["receiver"]
+        receiver.send_signal(signal.SIGTERM)
+        wait_for(lambda: not port_open(pipeline.port) or receiver.poll() is not None, 10,
+                 what="the listening socket closed")
+        stream.wait()
+        assert receiver.wait(30) == 0
+        pipeline.processes.pop("receiver")
+        assert len(stream.acked) == len(files)  # the running association was not cut
+        keys = set(objects_under(pipeline.archive))
+        wait_for(lambda: len(objects_under(pipeline.archive)) == len(files), 60,
+                 what="every acked instance archived")
+        assert len(keys) <= len(files)
+
+
+def test_sigterm_deadline_aborts_a_stuck_association(tmp_path: Path, redis_url: str) -> None:
+    with start_pipeline(tmp_path, redis_url, shutdown_timeout=1.0) as pipeline:
+        files = instances(tmp_path / "in", 200)
+        stream = Stream(pipeline.port, files, pause=0.05).start()
+        wait_for(lambda: len(stream.statuses) >= 5, 30, what="five sent")
+        pipeline.stop("receiver", signal.SIGTERM)
+        stream.wait()
+        assert 5 <= len(stream.acked) < len(files)
+        wait_for(lambda: len(objects_under(pipeline.archive)) == len(stream.acked), 60,
+                 what="every acked instance archived")
+        assert "aborting an association" in pipeline.log("receiver")
+
+
+def test_flower_sees_worker_and_tasks(tmp_path: Path, redis_url: str) -> None:
+    fport = free_port()
+    with start_pipeline(tmp_path, redis_url, flower_port=fport,
+                        flower_basic_auth="ops:s3cret") as pipeline:
+        log = open(tmp_path / "flower.log", "wb")  # noqa: SIM115
+        flower = subprocess.Popen(cli("flower", "--address", "127.0.0.1"), env=pipeline.env,
+                                  stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: port_open(fport), 60, what="flower")
+            files = instances(tmp_path / "in", 4)
+            assert pynetdicom_send(pipeline.port, files) == [statuses.SUCCESS] * 4
+            wait_for(lambda: len(objects_under(pipeline.archive)) == 4, 30, what="archive")
+            auth = base64.b64encode(b"ops:s3cret").decode()
+
+            def get(path: str, authorised: bool = True) -> Any:
+                request = urllib.request.Request(f"http://127.0.0.1:{fport}{path}")
+                if authorised:
+                    request.add_header("Authorization", f"Basic {auth}")
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    return json.loads(response.read())
+
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                get("/api/workers", authorised=False)
+            assert refused.value.code == 401
+            workers = wait_for(lambda: get("/api/workers?refresh=1"), 30, 0.5,
+                               what="a worker in Flower")
+            assert any(name.startswith("dicom-ingest-") for name in workers)
+
+            def archived_tasks() -> bool:
+                tasks = get("/api/tasks")
+                done = [t for t in tasks.values() if t.get("name") == "dicom_ingest.archive"
+                        and t.get("state") == "SUCCESS"]
+                return len(done) >= 4
+
+            wait_for(archived_tasks, 30, 0.5, what="the archive tasks in Flower")
+        finally:
+            flower.terminate()
+            flower.wait(20)
+            log.close()
