@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds after which an entry is re-enqueued (INGEST_SWEEP_AGE)",
     )
 
+    echo = sub.add_parser("echo", help="C-ECHO a receiver (a health check): exit 0 when it "
+                          "answers Success")
+    echo.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1")
+    echo.add_argument("--port", type=int, help="default INGEST_PORT or 11112")
+    echo.add_argument("--ae-title", help="called AE title (default INGEST_AE_TITLE)")
+
     status = sub.add_parser("status", help="spool depth, oldest entry, queue length, "
                             "quarantine count, workers seen")
     _common(status)
@@ -166,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         return flower.run(settings, args.address)
     if command == "sweep":
         return _sweep(settings)
+    if command == "echo":
+        from ingest import tools
+
+        return tools.echo(settings, args.host)
     if command == "status":
         return _status(settings, as_json=args.json)
     if command == "quarantine":

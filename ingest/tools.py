@@ -19,6 +19,33 @@ def _redact(url: str) -> str:
     return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
 
 
+def echo(settings: Settings, host: str) -> int:
+    """C-ECHO ``host``:``settings.port``; 0 when it answers Success."""
+    import logging
+
+    from pynetdicom import AE
+
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+    ae = AE(ae_title="DICOM-INGEST-ECHO")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate(host, settings.port, ae_title=settings.ae_title)
+    if not assoc.is_established:
+        print(f"dicom-ingest: no association with {settings.ae_title} at {host}:{settings.port}",
+              file=sys.stderr)
+        return 1
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    code = int(status.Status) if status and "Status" in status else None
+    if code != 0:
+        print(f"dicom-ingest: C-ECHO answered {code!r}", file=sys.stderr)
+        return 1
+    print(f"C-ECHO {settings.ae_title} at {host}:{settings.port}: Success")
+    return 0
+
+
 def status(settings: Settings, as_json: bool) -> int:
     from workers.archive import open_archive
 

@@ -191,6 +191,11 @@ def test_hostile_inputs_are_quarantined_with_reasons(pipeline: Pipeline,
 def test_storescu_echo_and_store(pipeline: Pipeline, tmp_path: Path) -> None:
     run([dcmtk("echoscu"), "-aec", "DICOM-INGEST", "127.0.0.1", str(pipeline.port)],
         env=dcmtk_env())
+    from tests.support import cli
+
+    assert "Success" in run(cli("echo", "--port", str(pipeline.port)), env=pipeline.env).stdout
+    down = run(cli("echo", "--port", str(free_port())), env=pipeline.env, check=False)
+    assert down.returncode == 1 and "no association" in down.stderr
     from tests.support import make_instance
 
     uid = make_instance(tmp_path / "ct.dcm", pixel_bytes=512 * 1024)
