@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     echo.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1")
     echo.add_argument("--port", type=int, help="default INGEST_PORT or 11112")
     echo.add_argument("--ae-title", help="called AE title (default INGEST_AE_TITLE)")
+    echo.add_argument("--calling", default="INGEST-ECHO", help="our calling AE title (default "
+                      "INGEST-ECHO: add it to INGEST_ALLOWED_CALLING_AETS if you set that)")
 
     status = sub.add_parser("status", help="spool depth, oldest entry, queue length, "
                             "quarantine count, workers seen")
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "echo":
         from ingest import tools
 
-        return tools.echo(settings, args.host)
+        return tools.echo(settings, args.host, args.calling)
     if command == "status":
         return _status(settings, as_json=args.json)
     if command == "quarantine":

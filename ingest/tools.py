@@ -19,14 +19,14 @@ def _redact(url: str) -> str:
     return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
 
 
-def echo(settings: Settings, host: str) -> int:
+def echo(settings: Settings, host: str, calling: str = "INGEST-ECHO") -> int:
     """C-ECHO ``host``:``settings.port``; 0 when it answers Success."""
     import logging
 
     from pynetdicom import AE
 
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
-    ae = AE(ae_title="DICOM-INGEST-ECHO")
+    ae = AE(ae_title=calling)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
     ae.add_requested_context("1.2.840.10008.1.1")
     assoc = ae.associate(host, settings.port, ae_title=settings.ae_title)
