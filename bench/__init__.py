@@ -1,0 +1,1 @@
+"""Benchmarks: dicom-ingest against DCMTK storescp (and Orthanc when installed)."""

@@ -1,0 +1,253 @@
+"""``python -m bench``: dicom-ingest against DCMTK storescp (and Orthanc when installed), in
+one run on this machine. Prints a table, writes bench/results/RESULTS.md and a PNG chart.
+
+Senders are DCMTK's storescu with TCP_NODELAY=1 for throughput, and pynetdicom (one instance
+at a time) for the C-STORE round-trip latency. Figures are ratios against DCMTK from the same
+run: absolute numbers drift on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.corpus import make_corpus, make_large
+from bench.servers import NODELAY, Orthanc, Ours, Server, Storescp, free_port
+
+RESULTS = Path(__file__).parent / "results"
+
+
+@dataclass
+class Row:
+    test: str
+    server: str
+    value: float
+    unit: str
+    ratio: float | None = None  # ours / DCMTK
+    note: str = ""
+
+
+@dataclass
+class Report:
+    rows: list[Row] = field(default_factory=list)
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+        ratio = f"  ({row.ratio:.2f}x DCMTK)" if row.ratio is not None else ""
+        print(f"  {row.test:48} {row.server:26} {row.value:10.1f} {row.unit}{ratio}",
+              flush=True)
+
+
+def storescu(port: int, ae_title: str, files: list[Path]) -> None:
+    """One association that sends ``files`` (storescu reads the list from a file argument)."""
+    args = [shutil.which("storescu") or "storescu", "-aec", ae_title, "127.0.0.1", str(port),
+            *map(str, files)]
+    result = subprocess.run(args, env=dict(os.environ, **NODELAY), capture_output=True,
+                            text=True)
+    if result.returncode != 0 or "E:" in result.stderr:
+        raise RuntimeError(f"storescu failed: {result.stderr[-2000:]}")
+
+
+def throughput(server: Server, files: list[Path], associations: int) -> float:
+    """Wall-clock instances per second for ``files`` over ``associations`` parallel ones."""
+    chunks = [files[i::associations] for i in range(associations)]
+    threads = [threading.Thread(target=storescu, args=(server.port, server.ae_title, c))
+               for c in chunks]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return len(files) / (time.perf_counter() - started)
+
+
+def latencies(server: Server, files: list[Path]) -> tuple[float, float]:
+    """p50 and p99 in ms of a C-STORE round trip, one instance at a time (pynetdicom)."""
+    from pynetdicom import AE, _config
+
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    ae = AE(ae_title="BENCH")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", server.port, ae_title=server.ae_title)
+    assert assoc.is_established
+    times = []
+    for path in files:
+        started = time.perf_counter()
+        status = assoc.send_c_store(path)
+        times.append((time.perf_counter() - started) * 1000)
+        assert int(status.Status) == 0
+    assoc.release()
+    times.sort()
+    return statistics.median(times), times[min(len(times) - 1, int(len(times) * 0.99))]
+
+
+def archived(archive_url: str, moto_port: int) -> int:
+    """Objects in a directory archive or an s3:// bucket on the moto server."""
+    if archive_url.startswith("s3://"):
+        from minio import Minio
+
+        client = Minio(f"127.0.0.1:{moto_port}", access_key="bench", secret_key="bench",
+                       secure=False, region="us-east-1")
+        return sum(1 for _ in client.list_objects(archive_url[5:], recursive=True))
+    return sum(1 for p in Path(archive_url).rglob("*.dcm") if not p.name.startswith("."))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=500, help="512 KB instances (500)")
+    parser.add_argument("--small", type=int, default=1000, help="40 KB instances (1000)")
+    parser.add_argument("--large-mb", type=int, default=1024, help="the large instance (1024)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2,
+                        help="worker processes for the N-worker end-to-end run")
+    parser.add_argument("--receiver-processes", type=int, default=0,
+                        help="receiver processes for ours (0: the default setting)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if not shutil.which("storescu") or not shutil.which("storescp"):
+        print("bench: DCMTK is needed (apt-get install dcmtk)", file=sys.stderr)
+        return 2
+
+    from ingest.embedded import EmbeddedRedis
+
+    work = Path(tempfile.mkdtemp(prefix="dicom-ingest-bench-"))
+    report = Report()
+    print(f"bench: corpus in {work}", flush=True)
+    ct = make_corpus(work / "ct", args.count, 512 * 1024)
+    small = make_corpus(work / "small", args.small, 40 * 1024)
+    redis = EmbeddedRedis(work / "redis", persist=False)
+    redis.start()
+    processes = {} if not args.receiver_processes else {
+        "INGEST_RECEIVER_PROCESSES": str(args.receiver_processes)}
+    try:
+        servers: list[tuple[str, type[Server] | None]] = [("DCMTK storescp", Storescp)]
+        if Orthanc.available():
+            servers.append(("Orthanc", Orthanc))
+        servers.append(("dicom-ingest", None))
+        base: dict[str, float] = {}
+
+        def run_server(name: str, cls: type[Server] | None, sub: str) -> Server:
+            (work / sub).mkdir()
+            if cls is None:
+                return Ours(work / sub, redis.url, str(work / sub / "archive"),
+                            extra_env=processes).start()
+            return cls(work / sub).start()
+
+        print("receive throughput and latency (no workers running for ours)", flush=True)
+        for n, (name, cls) in enumerate(servers):
+            for m, (label, files, assocs) in enumerate((("512 KB, 1 association", ct, 1),
+                                                        ("512 KB, 4 associations", ct, 4),
+                                                        ("40 KB, 1 association", small, 1))):
+                server = run_server(name, cls, f"rx{n}-{m}")
+                try:
+                    rate = throughput(server, files, assocs)
+                finally:
+                    server.stop()
+                key = f"{label} (instances/s)"
+                if cls is Storescp:
+                    base[key] = rate
+                ratio = rate / base[key] if cls is not Storescp else None
+                report.add(Row(key, name, rate, "inst/s", ratio))
+                mb = rate * files[0].stat().st_size / 1e6
+                report.add(Row(f"{label} (MB/s)", name, mb, "MB/s", ratio))
+            server = run_server(name, cls, f"lat{n}")
+            try:
+                p50, p99 = latencies(server, ct[:200])
+            finally:
+                server.stop()
+            for q, v in (("p50", p50), ("p99", p99)):
+                key = f"C-STORE round trip {q} (ms, pynetdicom sender)"
+                if cls is Storescp:
+                    base[key] = v
+                report.add(Row(key, name, v, "ms", v / base[key] if cls is not Storescp
+                               else None))
+
+        print("end to end: first send to last object archived", flush=True)
+        moto = None
+        moto_port = free_port()
+        try:
+            moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                                     "-p", str(moto_port)], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+            time.sleep(2)
+        except OSError:
+            moto = None
+        receive_rate = next(r.value for r in report.rows if r.server == "dicom-ingest"
+                            and r.test == "512 KB, 1 association (instances/s)")
+        for backend in ("directory", "s3"):
+            if backend == "s3" and moto is None:
+                continue
+            for workers in sorted({1, args.workers}):
+                sub = work / f"e2e-{backend}-{workers}"
+                sub.mkdir()
+                archive = str(sub / "archive")
+                extra = dict(processes)
+                if backend == "s3":
+                    bucket = f"bench{workers}"
+                    from minio import Minio
+
+                    Minio(f"127.0.0.1:{moto_port}", access_key="bench", secret_key="bench",
+                          secure=False, region="us-east-1").make_bucket(bucket)
+                    archive = f"s3://{bucket}"
+                    extra["INGEST_S3_ENDPOINT"] = f"http://127.0.0.1:{moto_port}"
+                ours = Ours(sub, redis.url, archive, extra_env=extra)
+                ours.start()
+                ours.start_workers(workers)
+                time.sleep(3)  # the pool is up before the clock starts
+                try:
+                    started = time.perf_counter()
+                    storescu(ours.port, ours.ae_title, ct)
+                    deadline = time.monotonic() + 600
+                    while archived(archive, moto_port) < len(ct):
+                        if time.monotonic() > deadline:
+                            raise RuntimeError(f"end to end {backend}: not all archived")
+                        time.sleep(0.1)
+                    rate = len(ct) / (time.perf_counter() - started)
+                finally:
+                    ours.stop()
+                report.add(Row(f"end to end, {backend}, {workers} worker process(es)",
+                               "dicom-ingest", rate, "inst/s", None,
+                               f"{rate / receive_rate:.2f}x our receive rate"))
+        if moto is not None:
+            moto.terminate()
+            moto.wait()
+
+        print(f"peak receiver memory while a {args.large_mb} MB instance arrives", flush=True)
+        large = make_large(work / "large", args.large_mb)
+        sub = work / "large-rx"
+        sub.mkdir()
+        ours = Ours(sub, redis.url, str(sub / "archive"), extra_env=processes)
+        ours.start()
+        try:
+            before = ours.peak_rss_mb()
+            storescu(ours.port, ours.ae_title, [large])
+            peak = ours.peak_rss_mb()
+        finally:
+            ours.stop()
+        report.add(Row(f"receiver peak RSS, {args.large_mb} MB instance", "dicom-ingest", peak,
+                       "MB", None, f"{before:.0f} MB before it arrived"))
+    finally:
+        redis.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    from bench.report import write
+
+    machine = (f"{platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}, "
+               f"{platform.platform()}")
+    paths = write(report.rows, args.out, machine)
+    print(f"bench: wrote {', '.join(str(p) for p in paths)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""The receivers under test, as processes: DCMTK storescp, Orthanc (when installed), ours."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+NODELAY = {"TCP_NODELAY": "1"}  # Debian's DCMTK otherwise stalls ~40 ms per C-STORE
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+class Server:
+    """A running receiver: name, port, AE title, process; stop() ends it."""
+
+    name = ""
+    ae_title = "ANY-SCP"
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = open(workdir / f"{self.name}.log", "wb")  # noqa: SIM115
+
+    def start(self) -> Server:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+
+class Storescp(Server):
+    name = "DCMTK storescp"
+
+    def start(self) -> Server:
+        out = self.workdir / "storescp-out"
+        out.mkdir(exist_ok=True)
+        # +xa: accept every transfer syntax it knows; files written, like ours, but no fsync;
+        # --fork: a process per association, so parallel senders are served in parallel
+        self.proc = subprocess.Popen(
+            [shutil.which("storescp") or "storescp", "--fork", "+xa", "-od", str(out),
+             str(self.port)],
+            env=dict(os.environ, **NODELAY), stdout=self.log, stderr=subprocess.STDOUT)
+        wait_port(self.port, self.proc)
+        return self
+
+
+class Orthanc(Server):
+    name = "Orthanc"
+    ae_title = "ORTHANC"
+
+    @staticmethod
+    def available() -> bool:
+        return shutil.which("Orthanc") is not None
+
+    def start(self) -> Server:
+        storage = self.workdir / "orthanc-db"
+        config = self.workdir / "orthanc.json"
+        config.write_text(json.dumps({
+            "Name": "bench", "StorageDirectory": str(storage), "IndexDirectory": str(storage),
+            "DicomAet": self.ae_title, "DicomPort": self.port, "HttpPort": free_port(),
+            "RemoteAccessAllowed": False, "DicomCheckCalledAet": False,
+            "UnknownSopClassAccepted": True, "Plugins": [],
+        }))
+        self.proc = subprocess.Popen([shutil.which("Orthanc") or "Orthanc", str(config)],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        wait_port(self.port, self.proc)
+        return self
+
+
+class Ours(Server):
+    """``dicom-ingest receiver``: durable spool writes and enqueue on, workers optional."""
+
+    name = "dicom-ingest"
+    ae_title = "DICOM-INGEST"
+
+    def __init__(self, workdir: Path, redis_url: str, archive_url: str, processes: int = 1,
+                 extra_env: dict[str, str] | None = None, label: str = "") -> None:
+        self.name = label or "dicom-ingest"
+        super().__init__(workdir)
+        self.spool = workdir / "spool"
+        self.env = dict(os.environ) | {
+            "INGEST_HOST": "127.0.0.1", "INGEST_PORT": str(self.port),
+            "INGEST_SPOOL_DIR": str(self.spool), "INGEST_REDIS_URL": redis_url,
+            "INGEST_ARCHIVE_URL": archive_url, "INGEST_SPOOL_MIN_FREE_MB": "0",
+            "INGEST_LOG_LEVEL": "warning", "INGEST_RECEIVER_PROCESSES": str(processes),
+            "INGEST_S3_ACCESS_KEY": "bench", "INGEST_S3_SECRET_KEY": "bench",
+            "INGEST_S3_REGION": "us-east-1",
+        } | (extra_env or {})
+        self.workers: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Server:
+        self.proc = subprocess.Popen([sys.executable, "-m", "ingest.cli", "receiver"],
+                                     env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        wait_port(self.port, self.proc)
+        return self
+
+    def start_workers(self, processes: int) -> None:
+        env = self.env | {"INGEST_WORKER_CONCURRENCY": str(processes)}
+        self.workers = subprocess.Popen([sys.executable, "-m", "ingest.cli", "worker"],
+                                        env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        if self.workers is not None and self.workers.poll() is None:
+            self.workers.send_signal(signal.SIGTERM)
+            try:
+                self.workers.wait(60)
+            except subprocess.TimeoutExpired:
+                self.workers.kill()
+        super().stop()
+
+    def peak_rss_mb(self) -> float:
+        """Peak resident memory of the receiver process (VmHWM), in MB."""
+        status = Path(f"/proc/{self.pid}/status").read_text()
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmHWM")
