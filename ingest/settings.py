@@ -57,6 +57,8 @@ class Settings:
     tls_cert: str = ""
     tls_key: str = field(default="", repr=False)
     tls_ca: str = ""
+    receiver_processes: int = 1  # >1: that many processes share the port (SO_REUSEPORT)
+    receiver_index: int = 0  # set by the receiver for its extra processes
     flower_port: int = 5555
     flower_basic_auth: str = field(default="", repr=False)  # user:password
 
@@ -190,6 +192,10 @@ def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Sett
     for name in ("TLS_CERT", "TLS_KEY", "TLS_CA"):
         if (v := get(name)) is not None:
             values[name.lower()] = v
+    if (v := get("RECEIVER_PROCESSES")) is not None:
+        values["receiver_processes"] = _int("RECEIVER_PROCESSES", v, minimum=1)
+    if (v := get("RECEIVER_INDEX")) is not None:
+        values["receiver_index"] = _int("RECEIVER_INDEX", v)
     if (v := get("FLOWER_PORT")) is not None:
         values["flower_port"] = _int("FLOWER_PORT", v)
     if (v := get("FLOWER_BASIC_AUTH")) is not None:
@@ -240,6 +246,8 @@ def environment(settings: Settings) -> dict[str, str]:
         "TLS_CERT": settings.tls_cert,
         "TLS_KEY": settings.tls_key,
         "TLS_CA": settings.tls_ca,
+        "RECEIVER_PROCESSES": str(settings.receiver_processes),
+        "RECEIVER_INDEX": str(settings.receiver_index),
         "FLOWER_PORT": str(settings.flower_port),
         "FLOWER_BASIC_AUTH": settings.flower_basic_auth,
     }

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -26,9 +29,9 @@ from pynetdicom import (
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from ingest.broker import make_celery, queue_length
-from ingest.settings import Settings
+from ingest.settings import Settings, environment
 from ingest.spool import Spool
-from receiver import streams
+from receiver import streams, tuning
 from receiver.associations import AssociationContext, on_accepted, on_ended, on_rejected
 from receiver.handlers import StoreContext, handle_echo, handle_store
 from receiver.metrics import ReceiverMetrics
@@ -59,6 +62,13 @@ def build_ae(settings: Settings) -> AE:
         ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification, TRANSFER_SYNTAXES)
     return ae
+
+
+def _daemon_dul(event: Any) -> None:
+    """pynetdicom's DUL thread is not a daemon: one still waiting for a peer to close its end
+    after a release would hold the process open at exit for a minute. By then everything
+    acked is durable, so the process may end without it."""
+    event.assoc.dul.daemon = True
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
@@ -133,7 +143,8 @@ def start(settings: Settings) -> Receiver:
         spool, lambda rid: publish(app, rid), settings.sweep_interval, settings.sweep_age,
         queue_length=lambda: queue_length(settings.redis_url),
     )
-    sweeper.start()
+    if settings.receiver_index == 0:  # one sweeper per spool is enough
+        sweeper.start()
     monitor = SpoolMonitor(spool, settings.spool_min_free_mb * 2**20, settings.spool_max_depth,
                            settings.spool_max_age)
     monitor.start()
@@ -141,7 +152,10 @@ def start(settings: Settings) -> Receiver:
     metrics.spool_oldest.set_function(lambda: monitor.oldest_age)
     context = StoreContext(spool=spool, enqueuer=publisher, gate=monitor, metrics=metrics)
     associations = AssociationContext(settings, metrics)
+    tuning.install(tuning.POLL)
     handlers: list[Any] = [
+        (evt.EVT_CONN_OPEN, tuning.on_connection, [tuning.POLL]),
+        (evt.EVT_CONN_OPEN, _daemon_dul),
         (evt.EVT_C_STORE, handle_store, [context]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_ACCEPTED, on_accepted, [associations]),
@@ -150,10 +164,17 @@ def start(settings: Settings) -> Receiver:
         (evt.EVT_ABORTED, on_ended),
     ]
     ae = build_ae(settings)
-    server = ae.start_server((settings.host, settings.port), block=False, evt_handlers=handlers,
-                             ssl_context=tls_context(settings))
+    server: Any
+    if settings.receiver_processes > 1 or settings.receiver_index:
+        server = ae.make_server((settings.host, settings.port), evt_handlers=handlers,
+                                ssl_context=tls_context(settings),
+                                server_class=tuning.ReusePortServer)
+        threading.Thread(target=server.serve_forever, name="acceptor", daemon=True).start()
+    else:
+        server = ae.start_server((settings.host, settings.port), block=False,
+                                 evt_handlers=handlers, ssl_context=tls_context(settings))
     if settings.metrics_port:
-        metrics.serve(settings.metrics_port)
+        metrics.serve(settings.metrics_port + settings.receiver_index)
     receiver = Receiver(settings, server, publisher, sweeper, monitor, metrics)
     log.info("receiver %s listening on %s:%d%s, spool %s, broker %s", settings.ae_title,
              settings.host, receiver.port, " (TLS)" if settings.tls_cert else "",
@@ -162,7 +183,9 @@ def start(settings: Settings) -> Receiver:
 
 
 def run(settings: Settings) -> int:
-    """Serve until SIGTERM or SIGINT, then stop cleanly."""
+    """Serve until SIGTERM or SIGINT, then stop cleanly. With ``receiver_processes`` > 1,
+    start that many more processes on the same port first (the kernel spreads associations
+    across them) and stop them too."""
     done = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -171,9 +194,21 @@ def run(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    extra = []
+    if settings.receiver_processes > 1 and settings.receiver_index == 0:
+        if settings.port == 0:
+            raise SystemExit("INGEST_RECEIVER_PROCESSES > 1 needs a fixed INGEST_PORT")
+        for index in range(1, settings.receiver_processes):
+            env = dict(os.environ) | environment(settings.replace(receiver_index=index))
+            extra.append(subprocess.Popen([sys.executable, "-m", "ingest.cli", "receiver"],
+                                          env=env, stdin=subprocess.DEVNULL))
     receiver = start(settings)
     done.wait()
+    for proc in extra:
+        proc.send_signal(signal.SIGTERM)
     receiver.stop()
+    for proc in extra:
+        proc.wait()
     log.info("receiver stopped")
     return 0
 

@@ -236,3 +236,21 @@ def test_flower_sees_worker_and_tasks(tmp_path: Path, redis_url: str) -> None:
             flower.terminate()
             flower.wait(20)
             log.close()
+
+
+def test_several_receiver_processes_share_the_port(tmp_path: Path, redis_url: str) -> None:
+    """INGEST_RECEIVER_PROCESSES=2: two processes on one port (SO_REUSEPORT); parallel
+    associations are all served and archived, and SIGTERM stops both."""
+    port = free_port()
+    with start_pipeline(tmp_path, redis_url, port=port, receiver_processes=2) as pipeline:
+        files = instances(tmp_path / "in", 24)
+        streams = [Stream(port, files[i::4]).start() for i in range(4)]
+        for stream in streams:
+            stream.wait()
+        assert sum(len(s.acked) for s in streams) == 24
+        wait_for(lambda: len(objects_under(pipeline.archive)) == 24, 60, what="24 archived")
+        children = subprocess.run(["pgrep", "-P", str(pipeline.processes["receiver"].pid)],
+                                  capture_output=True, text=True).stdout.split()
+        assert len(children) == 1
+        assert pipeline.stop("receiver") == 0
+        assert not port_open(port)
