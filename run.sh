@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The two commands of the quick start:
+# The two commands of the quick start (and the benchmark):
 #   ./run.sh up   [dicom-ingest up flags]  install into .venv, then run the whole pipeline
 #   ./run.sh test [pytest args]            install what the tests need, then lint, type-check
 #                                          and run every test tier
+#   ./run.sh bench [python -m bench args]  the benchmark against DCMTK (bench/results/)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -67,8 +68,15 @@ case "${1:-}" in
     say "pytest"
     exec .venv/bin/python -m pytest "$@"
     ;;
+  bench)
+    shift
+    venv bench
+    command -v storescu >/dev/null 2>&1 || apt_install dcmtk || {
+      echo "the benchmark needs DCMTK (apt-get install dcmtk)" >&2; exit 1; }
+    exec .venv/bin/python -m bench "$@"
+    ;;
   *)
-    sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac

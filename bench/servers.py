@@ -34,6 +34,18 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> 
     raise RuntimeError(f"nothing listens on {port}")
 
 
+def terminate(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM, then SIGKILL if it has not ended within a minute."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class Server:
     """A running receiver: name, port, AE title, process; stop() ends it."""
 
@@ -50,13 +62,7 @@ class Server:
         raise NotImplementedError
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         self.log.close()
 
     @property
@@ -137,12 +143,7 @@ class Ours(Server):
                                         env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def stop(self) -> None:
-        if self.workers is not None and self.workers.poll() is None:
-            self.workers.send_signal(signal.SIGTERM)
-            try:
-                self.workers.wait(60)
-            except subprocess.TimeoutExpired:
-                self.workers.kill()
+        terminate(self.workers)
         super().stop()
 
     def peak_rss_mb(self) -> float:

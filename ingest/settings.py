@@ -254,6 +254,14 @@ def environment(settings: Settings) -> dict[str, str]:
     return {PREFIX + k: v for k, v in env.items()}
 
 
+def redact_url(url: str) -> str:
+    """A URL without its credentials, for logs and messages."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+
+
 def known_variables() -> frozenset[str]:
     """Every ``INGEST_*`` name this module reads (used to check deploy files)."""
     return frozenset(environment(Settings()))

@@ -8,15 +8,8 @@ import time
 from typing import Any
 
 from ingest.broker import make_celery, queue_length
-from ingest.settings import Settings
+from ingest.settings import Settings, redact_url
 from ingest.spool import Spool
-
-
-def _redact(url: str) -> str:
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
 
 
 def echo(settings: Settings, host: str, calling: str = "INGEST-ECHO") -> int:
@@ -55,7 +48,7 @@ def status(settings: Settings, as_json: bool) -> int:
     queued = queue_length(settings.redis_url)
     workers: list[str] | None = None
     if queued is None:
-        print(f"dicom-ingest: broker unreachable at {_redact(settings.redis_url)}",
+        print(f"dicom-ingest: broker unreachable at {redact_url(settings.redis_url)}",
               file=sys.stderr)
     else:
         app = make_celery(settings, "dicom-ingest-status")

@@ -29,7 +29,7 @@ from pynetdicom import (
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from ingest.broker import make_celery, queue_length
-from ingest.settings import Settings, environment
+from ingest.settings import Settings, environment, redact_url
 from ingest.spool import Spool
 from receiver import streams, tuning
 from receiver.associations import AssociationContext, on_accepted, on_ended, on_rejected
@@ -178,7 +178,7 @@ def start(settings: Settings) -> Receiver:
     receiver = Receiver(settings, server, publisher, sweeper, monitor, metrics)
     log.info("receiver %s listening on %s:%d%s, spool %s, broker %s", settings.ae_title,
              settings.host, receiver.port, " (TLS)" if settings.tls_cert else "",
-             settings.spool_dir, _redact(settings.redis_url))
+             settings.spool_dir, redact_url(settings.redis_url))
     return receiver
 
 
@@ -211,11 +211,3 @@ def run(settings: Settings) -> int:
         proc.wait()
     log.info("receiver stopped")
     return 0
-
-
-def _redact(url: str) -> str:
-    """A URL without its password, for logs."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"

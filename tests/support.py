@@ -190,6 +190,26 @@ def _save(ds: Dataset, target: Path) -> str:
     return str(ds.SOPInstanceUID)
 
 
+def hostile_dataset(**changes: object) -> Dataset:
+    """A small CT dataset with ``changes`` applied (None deletes an attribute), for hostile
+    variants: bad UIDs, missing attributes."""
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientName = "Hostile^Input"
+    ds.add_new(0x7FE00010, "OB", bytes(range(256)) * 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # hostile values are the point
+        for key, value in changes.items():
+            if value is None:
+                delattr(ds, key)
+            else:
+                setattr(ds, key, value)
+    return ds
+
+
 def raw_part10(sop_class: str, sop_instance: str, body: bytes,
                transfer_syntax: str = ExplicitVRLittleEndian) -> bytes:
     """A Part 10 file whose File Meta says ``sop_class``/``sop_instance`` and whose dataset

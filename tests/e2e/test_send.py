@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from ingest.keys import instance_key
@@ -25,6 +24,7 @@ from tests.support import (
     dcmtk_env,
     encode_dataset,
     free_port,
+    hostile_dataset,
     make_segmentation,
     objects_under,
     port_open,
@@ -118,37 +118,21 @@ def test_dcmsend_corpus_is_archived_bit_for_bit(pipeline: Pipeline, tmp_path: Pa
              what="an empty spool")
 
 
-def _dataset(**changes: object) -> Dataset:
-    ds = Dataset()
-    ds.SOPClassUID = CT
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.PatientName = "Hostile^Input"
-    ds.add_new(0x7FE00010, "OB", bytes(range(256)) * 64)
-    for key, value in changes.items():
-        if value is None:
-            delattr(ds, key)
-        else:
-            ds.__setattr__(key, value)
-    return ds
-
-
 def test_hostile_inputs_are_quarantined_with_reasons(pipeline: Pipeline,
                                                      tmp_path: Path) -> None:
     """Sent raw with pynetdicom: each one is acked (it is durable), then quarantined with its
     reason; nothing reaches a key built from a bad UID; good neighbours are archived."""
     cases: dict[str, tuple[str, bytes]] = {}
-    ds = _dataset()
+    ds = hostile_dataset()
     cases["uid-mismatch"] = (generate_uid(), encode_dataset(ds))
-    ds = _dataset()
+    ds = hostile_dataset()
     cases["truncated"] = (ds.SOPInstanceUID, encode_dataset(ds)[:-5000])
     cases["unreadable-or-truncated"] = (generate_uid(), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 9)
-    ds = _dataset(SeriesInstanceUID="1.2/../../3")
+    ds = hostile_dataset(SeriesInstanceUID="1.2/../../3")
     cases["invalid-uid"] = (ds.SOPInstanceUID, encode_dataset(ds))
-    ds = _dataset(StudyInstanceUID=None)
+    ds = hostile_dataset(StudyInstanceUID=None)
     cases["missing-attribute"] = (ds.SOPInstanceUID, encode_dataset(ds))
-    good = _dataset()
+    good = hostile_dataset()
     cases["good"] = (good.SOPInstanceUID, encode_dataset(good))
 
     paths = []

@@ -1,12 +1,10 @@
 """Validation rules, on real files: pydicom's corpus and hostile variants of it."""
 
 import random
-import warnings
 from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from ingest.spool import Spool
@@ -14,6 +12,7 @@ from tests.support import (
     CORPUS,
     corpus_source,
     encode_dataset,
+    hostile_dataset,
     raw_part10,
     spool_entry,
     unique_copy,
@@ -37,24 +36,6 @@ def check(spool: Spool, part10: bytes):  # type: ignore[no-untyped-def]
     return inspect(spool.dcm_path(receipt.receipt_id), receipt)
 
 
-def good_dataset(**changes: object) -> Dataset:
-    ds = Dataset()
-    ds.SOPClassUID = CT
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.PatientName = "Hostile^Test"
-    ds.add_new(0x7FE00010, "OB", b"\0" * 4096)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # hostile values are the point here
-        for key, value in changes.items():
-            if value is None:
-                delattr(ds, key)
-            else:
-                setattr(ds, key, value)
-    return ds
-
-
 @pytest.mark.parametrize("name", sorted(CORPUS))
 def test_corpus_is_valid(spool: Spool, name: str, tmp_path: Path) -> None:
     path = tmp_path / name
@@ -74,13 +55,13 @@ def expect(spool: Spool, part10: bytes, code: str) -> PermanentError:
 
 
 def test_sop_instance_differs_from_request(spool: Spool) -> None:
-    ds = good_dataset()
+    ds = hostile_dataset()
     error = expect(spool, raw_part10(CT, generate_uid(), encode_dataset(ds)), errors.UID_MISMATCH)
     assert "SOPInstanceUID" in error.message
 
 
 def test_cut_off_mid_pixel_data(spool: Spool) -> None:
-    ds = good_dataset()
+    ds = hostile_dataset()
     body = encode_dataset(ds)
     expect(spool, raw_part10(CT, ds.SOPInstanceUID, body[:-1000]), errors.TRUNCATED)
 
@@ -112,30 +93,30 @@ def test_random_bytes(spool: Spool) -> None:
 
 @pytest.mark.parametrize("bad", ["1.2/3", "../../1.2", "1.2.3.", "1.2..3"])
 def test_uid_with_path_characters(spool: Spool, bad: str) -> None:
-    ds = good_dataset(SeriesInstanceUID=bad)
+    ds = hostile_dataset(SeriesInstanceUID=bad)
     expect(spool, raw_part10(CT, ds.SOPInstanceUID, encode_dataset(ds)), errors.INVALID_UID)
 
 
 def test_sop_instance_uid_with_dots_is_refused_too(spool: Spool) -> None:
-    ds = good_dataset(SOPInstanceUID="../../etc/passwd")
+    ds = hostile_dataset(SOPInstanceUID="../../etc/passwd")
     expect(spool, raw_part10(CT, "../../etc/passwd", encode_dataset(ds)), errors.INVALID_UID)
 
 
 def test_missing_study_uid(spool: Spool) -> None:
-    ds = good_dataset(StudyInstanceUID=None)
+    ds = hostile_dataset(StudyInstanceUID=None)
     error = expect(spool, raw_part10(CT, ds.SOPInstanceUID, encode_dataset(ds)),
                    errors.MISSING_ATTRIBUTE)
     assert "StudyInstanceUID" in error.message
 
 
 def test_sop_class_differs_from_request(spool: Spool) -> None:
-    ds = good_dataset()
+    ds = hostile_dataset()
     mr = "1.2.840.10008.5.1.4.1.1.4"
     expect(spool, raw_part10(mr, ds.SOPInstanceUID, encode_dataset(ds)), errors.UID_MISMATCH)
 
 
 def test_spool_file_changed_after_receipt(spool: Spool) -> None:
-    ds = good_dataset()
+    ds = hostile_dataset()
     receipt = spool_entry(spool, raw_part10(CT, ds.SOPInstanceUID, encode_dataset(ds)))
     path = spool.dcm_path(receipt.receipt_id)
     data = bytearray(path.read_bytes())
