@@ -24,7 +24,8 @@ def _child(role: str, env: dict[str, str], *args: str) -> subprocess.Popen[bytes
 
 
 def run(settings: Settings, data_dir: Path, flower: bool = False) -> int:
-    """Start everything, wait for Ctrl-C or SIGTERM (or a child's death), stop in order."""
+    """Start everything, restart what dies (a restart policy, as Compose and Kubernetes
+    have), wait for Ctrl-C or SIGTERM, then stop in order."""
     redis: EmbeddedRedis | None = None
     if not settings.redis_url_explicit:
         redis = EmbeddedRedis(data_dir / "redis")
@@ -40,12 +41,13 @@ def run(settings: Settings, data_dir: Path, flower: bool = False) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    roles: list[tuple[str, tuple[str, ...]]] = [("receiver", ()), ("worker", ())]
+    if flower:
+        roles.append(("flower", ("--address", "127.0.0.1")))
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
+    restarts = {name: 0 for name, _ in roles}
     try:
-        children.append(("receiver", _child("receiver", env)))
-        children.append(("worker", _child("worker", env)))
-        if flower:
-            children.append(("flower", _child("flower", env, "--address", "127.0.0.1")))
+        children = [(name, _child(name, env, *args)) for name, args in roles]
         log.info(
             "pipeline up: send to %s on port %d; archive %s; Ctrl-C stops it",
             settings.ae_title,
@@ -53,10 +55,20 @@ def run(settings: Settings, data_dir: Path, flower: bool = False) -> int:
             settings.archive_url,
         )
         while not stopping:
-            for name, proc in children:
-                if proc.poll() is not None:
-                    log.error("%s exited with %s; stopping the pipeline", name, proc.returncode)
-                    stopping = True
+            for i, (name, proc) in enumerate(children):
+                if proc.poll() is None or stopping:
+                    continue
+                # e.g. a worker that Celery gave up on when Redis went away; the spool still
+                # holds everything, so a fresh process picks up where this one stopped
+                restarts[name] += 1
+                delay = min(30.0, 2.0 ** min(restarts[name], 5))
+                log.error("%s exited with %s; restarting it in %.0f s", name,
+                          proc.returncode, delay)
+                deadline = time.monotonic() + delay
+                while not stopping and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                if not stopping:
+                    children[i] = (name, _child(name, env, *dict(roles)[name]))
             time.sleep(0.2)
     finally:
         # receiver first (no new instances), then workers (warm: finish the current task)

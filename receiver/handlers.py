@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from ingest.spool import Receipt, Spool, new_receipt_id
 from receiver import statuses
 from receiver.metrics import ReceiverMetrics
+from receiver.streams import SpoolTempFile
 
 log = logging.getLogger("dicom_ingest.receiver")
 
@@ -98,11 +99,13 @@ def _spool_instance(event: Any, ctx: StoreContext) -> Receipt:
     # (STORE_RECV_CHUNKED_DATASET, temp dir on the spool filesystem).
     path: Path = event.dataset_path
     stream = getattr(request, "_dataset_file", None)
-    if stream is not None:
-        stream.flush()  # pynetdicom flushes after each fragment, but not an empty dataset
-        if getattr(stream, "error", None) is not None:
-            raise stream.error  # the spool's disk failed while the dataset arrived
-    size, sha256, offset = _hash_and_sync(path)
+    if isinstance(stream, SpoolTempFile):
+        stream.sync()  # raises if the spool's disk failed while the dataset arrived
+        size, sha256, offset = stream.size, stream.digest.hexdigest(), _dataset_offset(stream.head)
+    else:  # not streamed through our file (pynetdicom changed): read it back
+        if stream is not None:
+            stream.flush()
+        size, sha256, offset = _hash_and_sync(path)
     requestor = event.assoc.requestor
     receipt = Receipt(
         receipt_id=new_receipt_id(),

@@ -12,6 +12,7 @@ retries later. pynetdicom closes and removes the file after the handler returns.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -21,13 +22,19 @@ import pynetdicom.dimse_messages
 
 
 class SpoolTempFile:
-    """The part of a ``NamedTemporaryFile`` that pynetdicom uses, tolerant of write errors."""
+    """The part of a ``NamedTemporaryFile`` that pynetdicom uses, tolerant of write errors.
+    It hashes what passes through, so the handler need not read the file back."""
+
+    HEAD = 256  # enough of the start to find where the File Meta ends
 
     def __init__(self, directory: Path) -> None:
         fd, self.name = tempfile.mkstemp(suffix=".dcm", prefix="recv-", dir=directory)
         self._fh = os.fdopen(fd, "wb")
         self.file = self  # pynetdicom calls ``.file.flush()``
         self.error: OSError | None = None
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.head = b""
 
     def write(self, data: bytes) -> int:
         if self.error is None:
@@ -35,7 +42,19 @@ class SpoolTempFile:
                 self._fh.write(data)
             except OSError as exc:
                 self.error = exc
+                return len(data)
+            self.digest.update(data)  # hashlib lets other threads run on large buffers
+            self.size += len(data)
+            if len(self.head) < self.HEAD:
+                self.head += bytes(data[: self.HEAD - len(self.head)])
         return len(data)
+
+    def sync(self) -> None:
+        """Flush and fsync; raises the first write error, if there was one."""
+        self.flush()
+        if self.error is not None:
+            raise self.error
+        os.fsync(self._fh.fileno())
 
     def flush(self) -> None:
         if self.error is None:

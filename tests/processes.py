@@ -23,6 +23,16 @@ class Pipeline:
     env: dict[str, str]
     log_dir: Path
     processes: dict[str, subprocess.Popen[bytes]]
+    restarts: int = 0
+
+    def restart_dead(self) -> None:
+        """What a restart policy (Compose's, Kubernetes') does: start again what died."""
+        for role, proc in list(self.processes.items()):
+            if proc.poll() is not None:
+                self.restarts += 1
+                with open(self.log_dir / f"{role}.log", "ab") as log:
+                    log.write(f"\n--- restarted after exit {proc.returncode} ---\n".encode())
+                self.start(role, keep_log=True)
 
     @property
     def port(self) -> int:
@@ -35,15 +45,17 @@ class Pipeline:
     def log(self, role: str) -> str:
         return (self.log_dir / f"{role}.log").read_text(errors="replace")
 
-    def start(self, role: str) -> None:
-        (self.log_dir / f"{role}.log").unlink(missing_ok=True)
+    def start(self, role: str, keep_log: bool = False) -> None:
+        if not keep_log:
+            (self.log_dir / f"{role}.log").unlink(missing_ok=True)
+        ready = self.log(role).count(" ready.") + 1 if keep_log else 1
         out = open(self.log_dir / f"{role}.log", "ab")  # noqa: SIM115 - closed with the process
         self.processes[role] = subprocess.Popen(cli(role), env=self.env, stdout=out,
                                                 stderr=subprocess.STDOUT,
                                                 stdin=subprocess.DEVNULL)
         out.close()
         if role == "worker":
-            wait_for(lambda: " ready." in self.log("worker")
+            wait_for(lambda: self.log("worker").count(" ready.") >= ready
                      or self.processes[role].poll() is not None, 60, what="the worker")
             assert self.processes[role].poll() is None, self.log("worker")
         if role == "receiver":
