@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ingest import __version__, logs
+from ingest.embedded import embedded_url
 from ingest.settings import Settings, SettingsError, from_env
 from ingest.spool import Spool
 
@@ -144,7 +145,13 @@ def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {n: getattr(args, n, None) for n in names}
     if overrides.get("redis_url"):
         overrides["redis_url_explicit"] = True
-    return from_env(**overrides)
+    settings = from_env(**overrides)
+    if not settings.redis_url_explicit and args.command not in ("up", "receiver", "worker"):
+        # next to a running `dicom-ingest up`: its embedded Redis, not the default one
+        running = embedded_url(Path(getattr(args, "data", None) or "./data") / "redis")
+        if running:
+            settings = settings.replace(redis_url=running)
+    return settings
 
 
 def main(argv: list[str] | None = None) -> int:

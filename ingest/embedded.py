@@ -38,6 +38,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+URL_FILE = "redis.url"
+
+
+def embedded_url(data_dir: Path) -> str | None:
+    """The URL of the embedded Redis that ``up`` runs with its data in ``data_dir``, if it
+    is running."""
+    try:
+        url = (data_dir / URL_FILE).read_text().strip()
+    except OSError:
+        return None
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    return url if EmbeddedRedis(data_dir, port).ping() else None
+
+
 class EmbeddedRedis:
     """``redis-server`` on a loopback port with its data (AOF) under ``data_dir``."""
 
@@ -79,6 +93,7 @@ class EmbeddedRedis:
                     f"see {self.data_dir / 'redis.log'}"
                 )
             if self.ping():
+                (self.data_dir / URL_FILE).write_text(self.url + "\n")
                 return
             time.sleep(0.05)
         self.stop()
@@ -93,6 +108,7 @@ class EmbeddedRedis:
             return False
 
     def stop(self, timeout: float = 10.0) -> None:
+        (self.data_dir / URL_FILE).unlink(missing_ok=True)
         if self.process is None or self.process.poll() is not None:
             return
         self.process.terminate()

@@ -57,10 +57,14 @@ def handle_echo(event: Any) -> int:
 def handle_store(event: Any, ctx: StoreContext) -> int:
     """Make the instance durable, then answer. No exception leaves this function."""
     started = time.monotonic()
-    calling = str(event.assoc.requestor.ae_title).strip()
-    status = _store(event, ctx, calling)
-    ctx.metrics.cstores.labels(f"0x{status:04X}", calling).inc()
-    ctx.metrics.ack_seconds.observe(time.monotonic() - started)
+    try:
+        calling = str(event.assoc.requestor.ae_title).strip()
+        status = _store(event, ctx, calling)
+        ctx.metrics.cstores.labels(f"0x{status:04X}", calling).inc()
+        ctx.metrics.ack_seconds.observe(time.monotonic() - started)
+    except Exception:  # _store catches its own; this is for the bookkeeping around it
+        log.exception("C-STORE status=0xA7FF: unexpected error")
+        return statuses.OUT_OF_RESOURCES_UNEXPECTED
     return status
 
 

@@ -274,9 +274,9 @@ def pynetdicom_send(port: int, files: Iterable[Path], calling: str = "PYNETDICOM
 
 
 def run(args: list[str], env: dict[str, str] | None = None, timeout: float = 120,
-        check: bool = True) -> subprocess.CompletedProcess[str]:
+        check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout,
-                            stdin=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL, cwd=cwd)
     if check and result.returncode != 0:
         raise AssertionError(f"{args[0]} exited {result.returncode}:\n{result.stdout}\n"
                              f"{result.stderr}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from tests.support import (
 )
 
 pytestmark = pytest.mark.e2e
+ROOT = str(Path(__file__).resolve().parents[2])
 
 
 def test_up_archives_and_stops_cleanly(tmp_path: Path) -> None:
@@ -47,6 +49,11 @@ def test_up_archives_and_stops_cleanly(tmp_path: Path) -> None:
         assert sorted(split_part10(p.read_bytes())[1] for p in found) == sorted(
             split_part10(Path(f).read_bytes())[1] for f in files)
         assert (tmp_path / "data" / "redis" / "redis.log").exists()  # the embedded Redis ran
+        # run beside it, the operator commands find its embedded Redis by themselves
+        status = json.loads(run(cli("status", "--json"), env=env | {"PYTHONPATH": ROOT},
+                                cwd=tmp_path).stdout)
+        assert status["spool_depth"] == 0 and status["queue_length"] == 0
+        assert status["workers"] and len(status["workers"]) == 1
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(90)

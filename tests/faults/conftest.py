@@ -13,7 +13,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     write = terminalreporter.write_line
     write("")
     write("fault scenarios: every instance that got 0x0000 must be archived (lost = 0)")
-    write(f"{'scenario':44} {'sent':>5} {'acked':>6} {'archived':>9} {'quarantined':>12} "
+    write(f"{'scenario':58} {'sent':>5} {'acked':>6} {'archived':>9} {'quarantined':>12} "
           f"{'lost':>5}")
     for row in RESULTS:
-        write(f"{row[0]:44} {row[1]:5d} {row[2]:6d} {row[3]:9d} {row[4]:12d} {row[5]:5d}")
+        write(f"{row[0]:58} {row[1]:5d} {row[2]:6d} {row[3]:9d} {row[4]:12d} {row[5]:5d}")
