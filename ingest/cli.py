@@ -10,7 +10,6 @@ from typing import Any
 from ingest import __version__, logs
 from ingest.embedded import embedded_url
 from ingest.settings import Settings, SettingsError, from_env
-from ingest.spool import Spool
 
 DESCRIPTION = """\
 Queue-backed DICOM ingest. A Storage SCP makes every instance durable in a spool and
@@ -180,13 +179,17 @@ def main(argv: list[str] | None = None) -> int:
 
         return flower.run(settings, args.address)
     if command == "sweep":
-        return _sweep(settings)
+        from ingest import tools
+
+        return tools.sweep(settings)
     if command == "echo":
         from ingest import tools
 
         return tools.echo(settings, args.host, args.calling)
     if command == "status":
-        return _status(settings, as_json=args.json)
+        from ingest import tools
+
+        return tools.status(settings, as_json=args.json)
     if command == "quarantine":
         from ingest import tools
 
@@ -197,36 +200,6 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return tools.quarantine_replay(settings, args.ids, replay_all=args.all)
     raise AssertionError(command)
-
-
-def _sweep(settings: Settings) -> int:
-    from ingest.broker import make_celery, queue_length
-    from receiver.publisher import publish
-    from receiver.sweeper import sweep_once
-
-    spool = Spool(settings.spool_dir)
-    spool.ensure()
-    app = make_celery(settings, "dicom-ingest-sweep")
-    result = sweep_once(spool, lambda rid: publish(app, rid), settings.sweep_age,
-                        queue_length=lambda: queue_length(settings.redis_url))
-    print(
-        f"requeued {result.requeued}, pending {result.pending}, orphans removed "
-        f"{result.removed_orphans}, temp files removed {result.removed_temp}"
-    )
-    if result.enqueue_failed:
-        print(
-            f"dicom-ingest: could not reach the broker at {settings.redis_url}; "
-            "nothing was lost, run the sweep again when it is back",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
-
-
-def _status(settings: Settings, as_json: bool) -> int:
-    from ingest import tools
-
-    return tools.status(settings, as_json)
 
 
 if __name__ == "__main__":

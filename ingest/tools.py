@@ -12,6 +12,25 @@ from ingest.settings import Settings, redact_url
 from ingest.spool import Spool
 
 
+def sweep(settings: Settings) -> int:
+    """One reconciliation pass, as the receiver's periodic sweeper does it."""
+    from receiver.publisher import publish
+    from receiver.sweeper import sweep_once
+
+    spool = Spool(settings.spool_dir)
+    spool.ensure()
+    app = make_celery(settings, "dicom-ingest-sweep")
+    result = sweep_once(spool, lambda rid: publish(app, rid), settings.sweep_age,
+                        queue_length=lambda: queue_length(settings.redis_url))
+    print(f"requeued {result.requeued}, pending {result.pending}, orphans removed "
+          f"{result.removed_orphans}, temp files removed {result.removed_temp}")
+    if result.enqueue_failed:
+        print(f"dicom-ingest: could not reach the broker at {redact_url(settings.redis_url)};"
+              " nothing was lost, run the sweep again when it is back", file=sys.stderr)
+        return 1
+    return 0
+
+
 def echo(settings: Settings, host: str, calling: str = "INGEST-ECHO") -> int:
     """C-ECHO ``host``:``settings.port``; 0 when it answers Success."""
     import logging
@@ -105,7 +124,6 @@ def quarantine_list(settings: Settings, as_json: bool) -> int:
 
 
 def quarantine_replay(settings: Settings, ids: list[str], replay_all: bool) -> int:
-    from ingest.messages import MessageError
     from receiver.publisher import publish
     from workers.archive import open_archive
     from workers.quarantine import records, replay
@@ -120,11 +138,8 @@ def quarantine_replay(settings: Settings, ids: list[str], replay_all: bool) -> i
         try:
             replay(archive, prefix, spool, receipt_id, lambda rid: publish(app, rid))
             print(f"replayed {receipt_id}")
-        except (MessageError, FileNotFoundError) as exc:
-            failed += 1
-            print(f"dicom-ingest: {receipt_id}: {exc}", file=sys.stderr)
-        except Exception as exc:  # e.g. broker down after the spool write: the sweeper has it
-            failed += 1
+        except Exception as exc:  # a bad id, a missing record, the broker down after the
+            failed += 1              # spool write (then the sweeper enqueues it): say, go on
             print(f"dicom-ingest: {receipt_id}: {exc}", file=sys.stderr)
     print(f"{len(targets) - failed} replayed, {failed} failed")
     return 1 if failed else 0
