@@ -203,11 +203,18 @@ def run(settings: Settings) -> int:
             extra.append(subprocess.Popen([sys.executable, "-m", "ingest.cli", "receiver"],
                                           env=env, stdin=subprocess.DEVNULL))
     receiver = start(settings)
-    done.wait()
+    # wake up now and then: a signal the kernel delivers to another thread is only handled
+    # when the main thread runs again, and an untimed wait would never let it
+    while not done.wait(0.5):
+        pass
     for proc in extra:
         proc.send_signal(signal.SIGTERM)
     receiver.stop()
     for proc in extra:
-        proc.wait()
+        try:
+            proc.wait(settings.shutdown_timeout + 30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
     log.info("receiver stopped")
     return 0
