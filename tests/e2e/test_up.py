@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -62,3 +63,35 @@ def test_up_archives_and_stops_cleanly(tmp_path: Path) -> None:
     assert code == 0, text
     assert "pipeline stopped" in text
     assert not port_open(port)
+
+
+def test_up_with_flower_needs_a_login(tmp_path: Path) -> None:
+    """``up --flower`` serves Flower on loopback, never without a login: with none set it
+    generates one and prints it."""
+    import urllib.error
+    import urllib.request
+
+    port, fport = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INGEST_")}
+    env |= {"INGEST_PORT": str(port), "INGEST_FLOWER_PORT": str(fport),
+            "INGEST_SPOOL_MIN_FREE_MB": "0", "PYTHONWARNINGS": "ignore"}
+    log_path = tmp_path / "up.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cli("up", "--workers", "1", "--flower"), cwd=tmp_path,
+                                env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: port_open(fport) or proc.poll() is not None, 90, what="flower")
+            assert proc.poll() is None, log_path.read_text()
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(f"http://127.0.0.1:{fport}/api/workers", timeout=10)
+            assert refused.value.code == 401
+            login = log_path.read_text().split("Flower's login for this run is ")[1].split()[0]
+            request = urllib.request.Request(f"http://127.0.0.1:{fport}/api/workers")
+            request.add_header("Authorization",
+                               "Basic " + base64.b64encode(login.encode()).decode())
+            with urllib.request.urlopen(request, timeout=10) as response:
+                assert response.status == 200
+        finally:
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(90) == 0, log_path.read_text()
