@@ -15,6 +15,7 @@ import calendar
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import secrets
@@ -74,6 +75,16 @@ def new_receipt_id(now: float | None = None) -> str:
 def receipt_time(receipt_id: str) -> float:
     """The receive time (to the second) encoded in a receipt id."""
     return calendar.timegm(time.strptime(receipt_id[:15], "%Y%m%dT%H%M%S"))
+
+
+def file_digest(path: Path, chunk: int = 1 << 20) -> tuple[int, str]:
+    """(size, sha256 hex) of a file, read in chunks."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as fh:
+        while data := fh.read(chunk):
+            digest.update(data)
+            size += len(data)
+    return size, digest.hexdigest()
 
 
 def fsync_dir(path: Path) -> None:

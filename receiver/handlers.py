@@ -69,19 +69,18 @@ def handle_store(event: Any, ctx: StoreContext) -> int:
 
 
 def _store(event: Any, ctx: StoreContext, calling: str) -> int:
-    sop_instance = str(getattr(event.request, "AffectedSOPInstanceUID", ""))
     try:
-        receipt = _spool_instance(event, ctx)
+        receipt = _spool_instance(event, ctx, calling)
     except SpoolFull as exc:
-        log.warning("C-STORE status=0xA700 calling=%s sop=%s: %s", calling, sop_instance, exc)
+        log.warning("C-STORE status=0xA700 calling=%s sop=%s: %s", calling, _sop(event), exc)
         return statuses.OUT_OF_RESOURCES
     except OSError as exc:
         log.error("C-STORE status=0xA700 calling=%s sop=%s: spool write failed: %s",
-                  calling, sop_instance, exc)
+                  calling, _sop(event), exc)
         return statuses.OUT_OF_RESOURCES
     except Exception:
         log.exception("C-STORE status=0xA7FF calling=%s sop=%s: unexpected error",
-                      calling, sop_instance)
+                      calling, _sop(event))
         return statuses.OUT_OF_RESOURCES_UNEXPECTED
     try:
         ctx.enqueuer.submit(receipt.receipt_id)
@@ -94,7 +93,11 @@ def _store(event: Any, ctx: StoreContext, calling: str) -> int:
     return statuses.SUCCESS
 
 
-def _spool_instance(event: Any, ctx: StoreContext) -> Receipt:
+def _sop(event: Any) -> str:
+    return str(getattr(event.request, "AffectedSOPInstanceUID", ""))
+
+
+def _spool_instance(event: Any, ctx: StoreContext, calling: str) -> Receipt:
     refusal = ctx.gate.refusal()
     if refusal is not None:
         raise SpoolFull(refusal)
@@ -113,7 +116,7 @@ def _spool_instance(event: Any, ctx: StoreContext) -> Receipt:
     requestor = event.assoc.requestor
     receipt = Receipt(
         receipt_id=new_receipt_id(),
-        calling_aet=str(requestor.ae_title).strip(),
+        calling_aet=calling,
         called_aet=str(event.assoc.acceptor.ae_title).strip(),
         peer=f"{requestor.address}:{requestor.port}",
         received_at=time.time(),

@@ -136,13 +136,20 @@ def unique_copy(source: Path, target: Path, rng: random.Random) -> str:
     return new
 
 
+def _identified(sop_class: str, sop_instance: str | None = None, study: str | None = None,
+                series: str | None = None) -> Dataset:
+    """A dataset with its four identifying UIDs (new ones unless given)."""
+    ds = Dataset()
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_instance or generate_uid()
+    ds.StudyInstanceUID = study or generate_uid()
+    ds.SeriesInstanceUID = series or generate_uid()
+    return ds
+
+
 def make_segmentation(target: Path) -> str:
     """A small binary segmentation instance (no such file ships with pydicom)."""
-    ds = Dataset()
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
+    ds = _identified("1.2.840.10008.5.1.4.1.1.66.4")
     ds.Modality = "SEG"
     ds.PatientName = "Test^Segmentation"
     ds.PatientID = "SEG-1"
@@ -161,11 +168,7 @@ def make_segmentation(target: Path) -> str:
 def make_instance(target: Path, pixel_bytes: int = 1024, study: str | None = None,
                   series: str | None = None, sop_instance: str | None = None) -> str:
     """A CT-like instance with ``pixel_bytes`` of pixel data, explicit little endian."""
-    ds = Dataset()
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-    ds.SOPInstanceUID = sop_instance or generate_uid()
-    ds.StudyInstanceUID = study or generate_uid()
-    ds.SeriesInstanceUID = series or generate_uid()
+    ds = _identified("1.2.840.10008.5.1.4.1.1.2", sop_instance, study, series)
     ds.Modality = "CT"
     ds.PatientName = "Test^Instance"
     ds.PatientID = "CT-1"
@@ -193,11 +196,7 @@ def _save(ds: Dataset, target: Path) -> str:
 def hostile_dataset(**changes: object) -> Dataset:
     """A small CT dataset with ``changes`` applied (None deletes an attribute), for hostile
     variants: bad UIDs, missing attributes."""
-    ds = Dataset()
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
+    ds = _identified("1.2.840.10008.5.1.4.1.1.2")
     ds.PatientName = "Hostile^Input"
     ds.add_new(0x7FE00010, "OB", bytes(range(256)) * 64)
     with warnings.catch_warnings():

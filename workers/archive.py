@@ -18,7 +18,7 @@ from typing import Protocol
 from urllib.parse import urlparse
 
 from ingest.settings import Settings
-from ingest.spool import fsync_dir
+from ingest.spool import file_digest, fsync_dir
 from workers.errors import TransientError
 
 META_PREFIX = "x-amz-meta-"
@@ -111,7 +111,7 @@ class LocalArchive:
         with contextlib.suppress(OSError):
             sha = os.getxattr(path, self.XATTR + "sha256").decode()
         if not sha:
-            sha = _sha256_file(path)
+            sha = file_digest(path)[1]
         return StoredObject(key, size, sha)
 
     def put_file(
@@ -184,14 +184,6 @@ class LocalArchive:
             raise
         fsync_dir(target.parent)
         return digest.hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class S3Archive:

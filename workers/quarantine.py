@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -12,7 +11,7 @@ from typing import Any
 
 from ingest.keys import normalize_prefix, quarantine_keys
 from ingest.messages import MessageError, check_receipt_id
-from ingest.spool import Receipt, Spool, SpoolError
+from ingest.spool import Receipt, Spool, SpoolError, file_digest
 from workers.archive import Archive
 
 log = logging.getLogger("dicom_ingest.quarantine")
@@ -63,13 +62,10 @@ def replay(archive: Archive, prefix: str, spool: Spool, receipt_id: str,
         raise MessageError(f"{receipt_id} is already in the spool")
     tmp = spool.tmp / f"replay-{receipt_id}.dcm"
     archive.download(data_key, tmp)
-    digest, size = hashlib.sha256(), 0
+    size, sha256 = file_digest(tmp)
     with open(tmp, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-            size += len(chunk)
         os.fsync(fh.fileno())
-    spool.commit(tmp, replace(receipt, size=size, sha256=digest.hexdigest()))
+    spool.commit(tmp, replace(receipt, size=size, sha256=sha256))
     archive.delete(data_key)
     archive.delete(reason_key)
     enqueue(receipt_id)

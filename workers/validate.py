@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import warnings
@@ -15,7 +14,7 @@ import pydicom
 from pydicom.dataelem import RawDataElement
 
 from ingest.keys import is_safe_uid
-from ingest.spool import Receipt
+from ingest.spool import Receipt, file_digest
 from workers import errors
 from workers.errors import PermanentError
 from workers.structure import StructureError, check_structure
@@ -79,12 +78,7 @@ def inspect(path: Path, receipt: Receipt) -> Instance:
 
 
 def _check_digest(path: Path, receipt: Receipt) -> None:
-    sha, size = hashlib.sha256(), 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            sha.update(chunk)
-            size += len(chunk)
-    if size != receipt.size or sha.hexdigest() != receipt.sha256:
+    if file_digest(path) != (receipt.size, receipt.sha256):
         raise PermanentError(
             errors.CHECKSUM_MISMATCH,
             "the spooled file no longer matches the sha256 taken at receipt",
