@@ -59,6 +59,7 @@ class Settings:
     tls_ca: str = ""
     receiver_processes: int = 1  # >1: that many processes share the port (SO_REUSEPORT)
     receiver_index: int = 0  # set by the receiver for its extra processes
+    receiver_fast_path: bool = True  # C-STOREs straight from the socket to the spool
     flower_port: int = 5555
     flower_basic_auth: str = field(default="", repr=False)  # user:password
 
@@ -196,6 +197,8 @@ def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Sett
         values["receiver_processes"] = _int("RECEIVER_PROCESSES", v, minimum=1)
     if (v := get("RECEIVER_INDEX")) is not None:
         values["receiver_index"] = _int("RECEIVER_INDEX", v)
+    if (v := get("RECEIVER_FAST_PATH")) is not None:
+        values["receiver_fast_path"] = _bool("RECEIVER_FAST_PATH", v)
     if (v := get("FLOWER_PORT")) is not None:
         values["flower_port"] = _int("FLOWER_PORT", v)
     if (v := get("FLOWER_BASIC_AUTH")) is not None:
@@ -248,6 +251,7 @@ def environment(settings: Settings) -> dict[str, str]:
         "TLS_CA": settings.tls_ca,
         "RECEIVER_PROCESSES": str(settings.receiver_processes),
         "RECEIVER_INDEX": str(settings.receiver_index),
+        "RECEIVER_FAST_PATH": str(settings.receiver_fast_path).lower(),
         "FLOWER_PORT": str(settings.flower_port),
         "FLOWER_BASIC_AUTH": settings.flower_basic_auth,
     }

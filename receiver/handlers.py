@@ -1,5 +1,9 @@
 """The C-STORE and C-ECHO handlers: durable spool write first, ``0x0000`` second, enqueue last.
 
+:func:`store` is the one place an instance becomes durable; both ways a C-STORE arrives use
+it: the fast path (:mod:`receiver.fastpath`, nearly every C-STORE) and pynetdicom's
+EVT_C_STORE handler below (what the fast path leaves to pynetdicom).
+
 Handlers are plain functions; what they need arrives as the extra argument of the
 ``evt_handlers`` 3-tuple (a :class:`StoreContext`), never as a global.
 """
@@ -11,6 +15,7 @@ import logging
 import os
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -54,82 +59,116 @@ def handle_echo(event: Any) -> int:
     return statuses.SUCCESS
 
 
+@dataclass(frozen=True)
+class Arrival:
+    """One C-STORE request as the receiver saw it, whichever path received it."""
+
+    calling: str
+    called: str
+    peer: str
+    sop_class_uid: str  # as in the request
+    sop_instance_uid: str  # as in the request
+    transfer_syntax: str  # the negotiated one
+
+
 def handle_store(event: Any, ctx: StoreContext) -> int:
-    """Make the instance durable, then answer. No exception leaves this function."""
+    """pynetdicom's EVT_C_STORE handler (for the C-STOREs the fast path leaves to pynetdicom).
+    No exception leaves this function."""
     started = time.monotonic()
     try:
-        calling = str(event.assoc.requestor.ae_title).strip()
-        status = _store(event, ctx, calling)
-        ctx.metrics.cstores.labels(f"0x{status:04X}", calling).inc()
-        ctx.metrics.ack_seconds.observe(time.monotonic() - started)
-    except Exception:  # _store catches its own; this is for the bookkeeping around it
+        assoc, request = event.assoc, event.request
+        arrival = Arrival(
+            calling=str(assoc.requestor.ae_title).strip(),
+            called=str(assoc.acceptor.ae_title).strip(),
+            peer=f"{assoc.requestor.address}:{assoc.requestor.port}",
+            sop_class_uid=str(getattr(request, "AffectedSOPClassUID", "")),
+            sop_instance_uid=str(getattr(request, "AffectedSOPInstanceUID", "")),
+            transfer_syntax=str(event.context.transfer_syntax),
+        )
+    except Exception:
         log.exception("C-STORE status=0xA7FF: unexpected error")
         return statuses.OUT_OF_RESOURCES_UNEXPECTED
+    stream = getattr(event.request, "_dataset_file", None)
+    status, receipt = store(ctx, arrival, lambda: _received(event, stream))
+    if receipt is not None:
+        hand_off(ctx, receipt)
+    account(ctx, arrival, status, started)
     return status
 
 
-def _store(event: Any, ctx: StoreContext, calling: str) -> int:
+def store(ctx: StoreContext, arrival: Arrival,
+          received: Callable[[], tuple[Path, int, str, int]]) -> tuple[int, Receipt | None]:
+    """Make one arrived instance durable in the spool: the status to answer and the receipt.
+
+    ``received`` fsyncs the received file and returns (path, size, sha256, dataset offset).
+    No exception leaves this function.
+    """
     try:
-        receipt = _spool_instance(event, ctx, calling)
+        refusal = ctx.gate.refusal()
+        if refusal is not None:
+            raise SpoolFull(refusal)
+        path, size, sha256, offset = received()
+        receipt = Receipt(
+            receipt_id=new_receipt_id(),
+            calling_aet=arrival.calling,
+            called_aet=arrival.called,
+            peer=arrival.peer,
+            received_at=time.time(),
+            sop_class_uid=arrival.sop_class_uid,
+            sop_instance_uid=arrival.sop_instance_uid,
+            transfer_syntax=arrival.transfer_syntax,
+            size=size,
+            dataset_offset=offset,
+            sha256=sha256,
+        )
+        ctx.spool.commit(path, receipt)
+        ctx.gate.stored()
     except SpoolFull as exc:
-        log.warning("C-STORE status=0xA700 calling=%s sop=%s: %s", calling, _sop(event), exc)
-        return statuses.OUT_OF_RESOURCES
+        log.warning("C-STORE status=0xA700 calling=%s sop=%.80s: %s", arrival.calling,
+                    arrival.sop_instance_uid, exc)
+        return statuses.OUT_OF_RESOURCES, None
     except OSError as exc:
-        log.error("C-STORE status=0xA700 calling=%s sop=%s: spool write failed: %s",
-                  calling, _sop(event), exc)
-        return statuses.OUT_OF_RESOURCES
+        log.error("C-STORE status=0xA700 calling=%s sop=%.80s: spool write failed: %s",
+                  arrival.calling, arrival.sop_instance_uid, exc)
+        return statuses.OUT_OF_RESOURCES, None
     except Exception:
-        log.exception("C-STORE status=0xA7FF calling=%s sop=%s: unexpected error",
-                      calling, _sop(event))
-        return statuses.OUT_OF_RESOURCES_UNEXPECTED
+        log.exception("C-STORE status=0xA7FF calling=%s sop=%.80s: unexpected error",
+                      arrival.calling, arrival.sop_instance_uid)
+        return statuses.OUT_OF_RESOURCES_UNEXPECTED, None
+    ctx.metrics.bytes.inc(receipt.size)
+    log.info("C-STORE status=0x0000 receipt=%s sop=%s calling=%s bytes=%d ts=%s",
+             receipt.receipt_id, receipt.sop_instance_uid, arrival.calling, receipt.size,
+             receipt.transfer_syntax)
+    return statuses.SUCCESS, receipt
+
+
+def hand_off(ctx: StoreContext, receipt: Receipt) -> None:
+    """Enqueue an entry that is durable already; no exception leaves this function."""
     try:
         ctx.enqueuer.submit(receipt.receipt_id)
     except Exception:  # the entry is durable; the sweeper will enqueue it
         log.exception("enqueue hand-off failed for receipt %s", receipt.receipt_id)
-    ctx.metrics.bytes.inc(receipt.size)
-    log.info("C-STORE status=0x0000 receipt=%s sop=%s calling=%s bytes=%d ts=%s",
-             receipt.receipt_id, receipt.sop_instance_uid, calling, receipt.size,
-             receipt.transfer_syntax)
-    return statuses.SUCCESS
 
 
-def _sop(event: Any) -> str:
-    return str(getattr(event.request, "AffectedSOPInstanceUID", ""))
+def account(ctx: StoreContext, arrival: Arrival, status: int, started: float) -> None:
+    """Count one answered C-STORE; no exception leaves this function."""
+    try:
+        ctx.metrics.cstores.labels(f"0x{status:04X}", arrival.calling).inc()
+        ctx.metrics.ack_seconds.observe(time.monotonic() - started)
+    except Exception:
+        log.exception("C-STORE metrics failed")
 
 
-def _spool_instance(event: Any, ctx: StoreContext, calling: str) -> Receipt:
-    refusal = ctx.gate.refusal()
-    if refusal is not None:
-        raise SpoolFull(refusal)
-    request = event.request
+def _received(event: Any, stream: Any) -> tuple[Path, int, str, int]:
     # pynetdicom streamed preamble, File Meta and the sender's dataset bytes to this file
     # (STORE_RECV_CHUNKED_DATASET, temp dir on the spool filesystem).
     path: Path = event.dataset_path
-    stream = getattr(request, "_dataset_file", None)
     if isinstance(stream, SpoolTempFile):
         stream.sync()  # raises if the spool's disk failed while the dataset arrived
-        size, sha256, offset = stream.size, stream.digest.hexdigest(), _dataset_offset(stream.head)
-    else:  # not streamed through our file (pynetdicom changed): read it back
-        if stream is not None:
-            stream.flush()
-        size, sha256, offset = _hash_and_sync(path)
-    requestor = event.assoc.requestor
-    receipt = Receipt(
-        receipt_id=new_receipt_id(),
-        calling_aet=calling,
-        called_aet=str(event.assoc.acceptor.ae_title).strip(),
-        peer=f"{requestor.address}:{requestor.port}",
-        received_at=time.time(),
-        sop_class_uid=str(request.AffectedSOPClassUID),
-        sop_instance_uid=str(request.AffectedSOPInstanceUID),
-        transfer_syntax=str(event.context.transfer_syntax),
-        size=size,
-        dataset_offset=offset,
-        sha256=sha256,
-    )
-    ctx.spool.commit(path, receipt)
-    ctx.gate.stored()
-    return receipt
+        return path, stream.size, stream.digest.hexdigest(), _dataset_offset(stream.head)
+    if stream is not None:  # not streamed through our file (pynetdicom changed): read it back
+        stream.flush()
+    return (path, *_hash_and_sync(path))
 
 
 def _hash_and_sync(path: Path) -> tuple[int, str, int]:

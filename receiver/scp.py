@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
+import socketserver
 import ssl
 import subprocess
 import sys
@@ -27,11 +29,12 @@ from pynetdicom import (
     evt,
 )
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
 
 from ingest.broker import make_celery, queue_length
 from ingest.settings import Settings, environment, redact_url
 from ingest.spool import Spool
-from receiver import streams, tuning
+from receiver import fastpath, reactors, streams
 from receiver.associations import AssociationContext, on_accepted, on_ended, on_rejected
 from receiver.handlers import StoreContext, handle_echo, handle_store
 from receiver.metrics import ReceiverMetrics
@@ -48,6 +51,21 @@ log = logging.getLogger("dicom_ingest.receiver")
 # endian (VRs as written), implicit VR little endian, big endian.
 _UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
 TRANSFER_SYNTAXES = [ts for ts in ALL_TRANSFER_SYNTAXES if ts not in _UNCOMPRESSED] + _UNCOMPRESSED
+
+
+class ReusePortServer(ThreadedAssociationServer):
+    """An association server whose socket several processes can bind (``SO_REUSEPORT``):
+    the kernel spreads new connections across them."""
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def shutdown(self) -> None:
+        # not registered with the AE (we start it ourselves): stop and close, nothing more
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
 
 
 def build_ae(settings: Settings) -> AE:
@@ -137,7 +155,7 @@ def start(settings: Settings) -> Receiver:
     streams.install(spool.tmp)
     metrics = ReceiverMetrics()
     app = make_celery(settings, "dicom-ingest-receiver")
-    publisher = Publisher(app, on_failure=metrics.enqueue_failures.inc)
+    publisher = Publisher(settings, on_failure=metrics.enqueue_failures.inc)
     publisher.start()
     sweeper = PeriodicSweeper(
         spool, lambda rid: publish(app, rid), settings.sweep_interval, settings.sweep_age,
@@ -152,23 +170,27 @@ def start(settings: Settings) -> Receiver:
     metrics.spool_oldest.set_function(lambda: monitor.oldest_age)
     context = StoreContext(spool=spool, enqueuer=publisher, gate=monitor, metrics=metrics)
     associations = AssociationContext(settings, metrics)
-    tuning.install(tuning.POLL)
+    reactors.install()
     handlers: list[Any] = [
-        (evt.EVT_CONN_OPEN, tuning.on_connection, [tuning.POLL]),
         (evt.EVT_CONN_OPEN, _daemon_dul),
-        (evt.EVT_C_STORE, handle_store, [context]),
+        (evt.EVT_CONN_OPEN, reactors.on_connection),
+        (evt.EVT_CONN_CLOSE, reactors.on_closed),
+        (evt.EVT_C_STORE, handle_store, [context]),  # what the fast path leaves to pynetdicom
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_ACCEPTED, on_accepted, [associations]),
         (evt.EVT_REJECTED, on_rejected, [associations]),
         (evt.EVT_RELEASED, on_ended),
         (evt.EVT_ABORTED, on_ended),
     ]
+    if settings.receiver_fast_path:
+        handlers += [(evt.EVT_CONN_OPEN, fastpath.on_connection, [context]),
+                     (evt.EVT_CONN_CLOSE, fastpath.on_closed)]
     ae = build_ae(settings)
     server: Any
     if settings.receiver_processes > 1 or settings.receiver_index:
         server = ae.make_server((settings.host, settings.port), evt_handlers=handlers,
                                 ssl_context=tls_context(settings),
-                                server_class=tuning.ReusePortServer)
+                                server_class=ReusePortServer)
         threading.Thread(target=server.serve_forever, name="acceptor", daemon=True).start()
     else:
         server = ae.start_server((settings.host, settings.port), block=False,

@@ -1,0 +1,465 @@
+"""The C-STORE fast path: P-DATA straight from the socket to the spool file.
+
+pynetdicom receives a C-STORE through several layers: the DUL thread decodes each P-DATA-TF
+PDU into objects and queues it, the association thread polls the queue, reassembles the
+command set and decodes it with pydicom, builds and encodes a File Meta with pydicom, calls
+our handler, then encodes the response with pydicom and queues it back to the DUL thread to
+send. Profiling showed that work, not the bytes, bounding the receiver (see DESIGN.md).
+
+Here the DUL thread itself handles the P-DATA-TF PDUs of an established association
+(``Sta6``): it reads each PDU into one reused buffer, walks its PDVs, parses the command set
+(always implicit VR little endian, a handful of elements), writes the File Meta and then
+every dataset fragment into a :class:`~receiver.streams.SpoolTempFile` as it arrives, makes
+the instance durable with :func:`receiver.handlers.store` (the same code pynetdicom's handler
+path uses), and writes the C-STORE response PDU on the socket. Nothing is decoded.
+
+Everything else stays pynetdicom's: association negotiation, the AE title checks, TLS,
+release, abort, timers, C-ECHO, and any message the fast path does not recognise as a
+well-formed C-STORE request on an accepted storage context (those PDVs are handed to
+pynetdicom unchanged, and its handler answers them). ``INGEST_RECEIVER_FAST_PATH=0`` turns the
+fast path off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import ssl
+import struct
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pynetdicom.dul import DULServiceProvider
+
+from receiver import statuses
+from receiver.handlers import Arrival, StoreContext, account, hand_off, store
+from receiver.streams import SpoolTempFile
+
+log = logging.getLogger("dicom_ingest.receiver")
+
+_PDU_HEADER = struct.Struct(">BBI")  # type, reserved, length
+_PDV_HEADER = struct.Struct(">IBB")  # item length, presentation context id, control header
+_ELEMENT = struct.Struct("<HHI")  # implicit VR little endian: group, element, length
+_US = struct.Struct("<H")
+_P_DATA_TF = 0x04
+_PDU_TYPES = range(0x01, 0x08)
+_ESTABLISHED = "Sta6"
+
+# command set elements (group 0000)
+_AFFECTED_SOP_CLASS = 0x0002
+_COMMAND_FIELD = 0x0100
+_MESSAGE_ID = 0x0110
+_MESSAGE_ID_RESPONDED = 0x0120
+_DATA_SET_TYPE = 0x0800
+_STATUS = 0x0900
+_AFFECTED_SOP_INSTANCE = 0x1000
+_C_STORE_RQ = 0x0001
+_C_STORE_RSP = 0x8001
+_NO_DATA_SET = 0x0101
+
+# Mid-dataset the DUL thread keeps reading for up to this long before it goes back to
+# pynetdicom's reactor: the rest of the dataset is on its way.
+_MID_MESSAGE_WAIT = 0.05
+
+_MAX_COMMAND = 64 * 1024  # a C-STORE command set is a few hundred bytes
+_MAX_UID = 1024  # longer "UIDs" go to pynetdicom; the workers quarantine shorter bad ones
+
+
+class CommandSetError(ValueError):
+    """Bytes that are not an implicit VR little endian command set."""
+
+
+def parse_command_set(data: bytes) -> dict[int, bytes]:
+    """The elements of a command set: {element number: value bytes}; group 0000 only."""
+    elements: dict[int, bytes] = {}
+    offset, end = 0, len(data)
+    while offset < end:
+        if offset + 8 > end:
+            raise CommandSetError("a command set element header is cut short")
+        group, element, length = _ELEMENT.unpack_from(data, offset)
+        offset += 8
+        if group != 0 or offset + length > end:
+            raise CommandSetError(f"bad command set element ({group:04X},{element:04X})")
+        elements[element] = data[offset : offset + length]
+        offset += length
+    return elements
+
+
+def _even(value: bytes, pad: bytes) -> bytes:
+    return value + pad if len(value) % 2 else value
+
+
+def _uid(raw: bytes) -> bytes:
+    return raw.rstrip(b"\0 ")
+
+
+def encode_command_set(elements: list[tuple[int, bytes]]) -> bytes:
+    """An implicit VR little endian command set with its group length first."""
+    body = b"".join(_ELEMENT.pack(0, number, len(value)) + value for number, value in elements)
+    return _ELEMENT.pack(0, 0, 4) + struct.pack("<I", len(body)) + body
+
+
+def store_response(sop_class: bytes, sop_instance: bytes, message_id: int, status: int) -> bytes:
+    """The command set of a C-STORE response."""
+    return encode_command_set([
+        (_AFFECTED_SOP_CLASS, _even(sop_class, b"\0")),
+        (_COMMAND_FIELD, _US.pack(_C_STORE_RSP)),
+        (_MESSAGE_ID_RESPONDED, _US.pack(message_id)),
+        (_DATA_SET_TYPE, _US.pack(_NO_DATA_SET)),
+        (_STATUS, _US.pack(status)),
+        (_AFFECTED_SOP_INSTANCE, _even(sop_instance, b"\0")),
+    ])
+
+
+def command_pdus(context_id: int, command: bytes, max_pdu: int) -> bytes:
+    """P-DATA-TF PDUs carrying a command set, fragmented to the peer's maximum PDU length
+    (0: no limit)."""
+    room = len(command) if max_pdu <= 0 else max(1, max_pdu - 6)
+    out = bytearray()
+    for start in range(0, len(command), room):
+        fragment = command[start : start + room]
+        control = 0x03 if start + room >= len(command) else 0x01  # command; last or not
+        item = _PDV_HEADER.pack(len(fragment) + 2, context_id, control) + fragment
+        out += _PDU_HEADER.pack(_P_DATA_TF, 0, len(item)) + item
+    return bytes(out)
+
+
+def file_meta(sop_class: bytes, sop_instance: bytes, transfer_syntax: bytes,
+              implementation_uid: bytes, implementation_version: bytes,
+              source_ae: bytes) -> bytes:
+    """Preamble, ``DICM`` and the File Meta group (explicit VR little endian)."""
+    def element(number: int, vr: bytes, value: bytes) -> bytes:
+        if vr == b"OB":
+            return struct.pack("<HH2sHI", 2, number, vr, 0, len(value)) + value
+        return struct.pack("<HH2sH", 2, number, vr, len(value)) + value
+
+    body = b"".join((
+        element(0x0001, b"OB", b"\x00\x01"),
+        element(0x0002, b"UI", _even(sop_class, b"\0")),
+        element(0x0003, b"UI", _even(sop_instance, b"\0")),
+        element(0x0010, b"UI", _even(transfer_syntax, b"\0")),
+        element(0x0012, b"UI", _even(implementation_uid, b"\0")),
+        element(0x0013, b"SH", _even(implementation_version, b" ")),
+        element(0x0016, b"AE", _even(source_ae, b" ")),
+    ))
+    return b"\0" * 128 + b"DICM" + element(0x0000, b"UL", struct.pack("<I", len(body))) + body
+
+
+class _Store:
+    """One C-STORE on the fast path, from its command set to its response."""
+
+    def __init__(self, arrival: Arrival, context_id: int, message_id: int,
+                 sop_class: bytes, sop_instance: bytes, stream: SpoolTempFile,
+                 meta_length: int) -> None:
+        self.arrival = arrival
+        self.context_id = context_id
+        self.message_id = message_id
+        self.sop_class = sop_class
+        self.sop_instance = sop_instance
+        self.stream = stream
+        self.meta_length = meta_length
+
+    def received(self) -> tuple[Path, int, str, int]:
+        self.stream.sync()  # raises the first write error, if the disk failed meanwhile
+        return (Path(self.stream.name), self.stream.size, self.stream.digest.hexdigest(),
+                self.meta_length)
+
+    def discard(self) -> None:
+        self.stream.close()
+        if self.stream.name:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.stream.name)
+
+
+class FastPath:
+    """Installed on one association's DUL when its connection opens."""
+
+    def __init__(self, dul: DULServiceProvider, ctx: StoreContext) -> None:
+        self.dul = dul
+        self.ctx = ctx
+        self._pynetdicom_read = dul._read_pdu_data
+        self._buffer = bytearray(256 * 1024)
+        self._lock = threading.Lock()
+        self._command = bytearray()  # command fragments of the message being assembled
+        self._held: list[bytes] = []  # its PDV items, until we know whose message it is
+        self._to_pynetdicom_until_done = False  # pynetdicom owns the current message
+        self._store: _Store | None = None
+
+    def install(self) -> None:
+        self.dul._read_pdu_data = self.read_pdu  # type: ignore[method-assign]
+
+    # -- reading -----------------------------------------------------------------------
+
+    def read_pdu(self) -> None:
+        """Replaces ``DULServiceProvider._read_pdu_data``: P-DATA-TF of an established
+        association comes here; everything else goes to pynetdicom as before.
+
+        pynetdicom's reactor reads one PDU per turn and sleeps when a turn leaves it nothing
+        queued, which is every turn on the fast path: a 512 KB instance in 16 KB PDUs would
+        sleep 32 times. So this keeps reading while the next PDU is there or about to be
+        (mid-dataset, or the next request of a sender that streams), and returns to the
+        reactor as soon as pynetdicom has something to do.
+        """
+        dul = self.dul
+        while True:
+            if dul.state_machine.current_state != _ESTABLISHED or dul.socket is None:
+                self._pynetdicom_read()
+                return
+            if not self._read_one():
+                return
+            if dul._kill_thread or dul.to_provider_queue.queue or dul.event_queue.queue:
+                return
+            if self._store is None or not self._readable(_MID_MESSAGE_WAIT):
+                return
+
+    def _readable(self, timeout: float) -> bool:
+        sock: Any = self.dul.socket.socket  # type: ignore[union-attr]
+        try:
+            if isinstance(sock, ssl.SSLSocket) and sock.pending():
+                return True
+            ready, _, _ = select.select([sock], [], [], timeout)
+        except (OSError, ValueError, AttributeError):
+            return False
+        return bool(ready)
+
+    def _read_one(self) -> bool:
+        """Read and handle one PDU; False when pynetdicom must take over."""
+        dul = self.dul
+        view = self._recv(6)
+        if view is None:
+            return False
+        header = bytes(view)  # the buffer is reused for the body
+        view.release()
+        pdu_type, _, length = _PDU_HEADER.unpack(header)
+        if pdu_type not in _PDU_TYPES:
+            log.error("unknown PDU type 0x%02X received: aborting the association", pdu_type)
+            self.abandon()
+            dul.event_queue.put("Evt19")  # unrecognised PDU: pynetdicom aborts
+            return False
+        body = self._recv(length)
+        if body is None:
+            return False
+        if pdu_type != _P_DATA_TF:
+            self._to_pynetdicom(header + bytes(body))
+            body.release()
+            return False
+        try:
+            self._on_p_data(body)
+        finally:
+            body.release()
+        return True
+
+    def _recv(self, count: int) -> memoryview | None:
+        """Exactly ``count`` bytes from the socket, in the reused buffer; None (and Evt17,
+        transport closed) when the peer goes away first."""
+        if len(self._buffer) < count:
+            self._buffer = bytearray(count)
+        view = memoryview(self._buffer)[:count]
+        sock: Any = self.dul.socket.socket  # type: ignore[union-attr]
+        got = 0
+        try:
+            while got < count:
+                n = sock.recv_into(view[got:], count - got)
+                if n == 0:
+                    break
+                got += n
+        except (OSError, TimeoutError, AttributeError):
+            pass
+        if got < count:
+            view.release()
+            log.info("association closed by the peer mid-PDU (%d of %d bytes)", got, count)
+            self.abandon()
+            self.dul.event_queue.put("Evt17")
+            return None
+        return view
+
+    def _to_pynetdicom(self, pdu: bytes) -> None:
+        """Hand a whole PDU to pynetdicom, as its own reader would have."""
+        try:
+            decoded, event = self.dul._decode_pdu(bytearray(pdu))
+        except Exception:
+            log.exception("unable to decode a received PDU: aborting the association")
+            self.abandon()
+            self.dul.event_queue.put("Evt19")
+            return
+        self.dul.event_queue.put(event)
+        self.dul._recv_pdu.put(decoded)
+
+    def _on_p_data(self, body: memoryview) -> None:
+        items: list[bytes] = []  # PDV items for pynetdicom, from this PDU
+        offset, end = 0, len(body)
+        while offset < end:
+            if offset + 6 > end:
+                return self._malformed(body)
+            length, context_id, control = _PDV_HEADER.unpack_from(body, offset)
+            stop = offset + 4 + length
+            if length < 2 or stop > end:
+                return self._malformed(body)
+            if not self._on_pdv(body, offset, stop, context_id, control, items):
+                return None  # the association is being aborted
+            offset = stop
+        if items:
+            item_bytes = b"".join(items)
+            self._to_pynetdicom(_PDU_HEADER.pack(_P_DATA_TF, 0, len(item_bytes)) + item_bytes)
+        return None
+
+    def _malformed(self, body: memoryview) -> None:
+        # pynetdicom's own decoder rejects it and aborts the association
+        self.abandon()
+        self._to_pynetdicom(_PDU_HEADER.pack(_P_DATA_TF, 0, len(body)) + bytes(body))
+
+    def _on_pdv(self, body: memoryview, start: int, stop: int, context_id: int,
+                control: int, items: list[bytes]) -> bool:
+        """Route one PDV; False when the association must be aborted."""
+        is_command, is_last = control & 0x01, control & 0x02
+        store = self._store
+        if store is not None:  # a dataset we are receiving
+            if is_command or context_id != store.context_id:
+                log.error("C-STORE from %s: a PDV of another message or context arrived "
+                          "mid-dataset: aborting the association", store.arrival.calling)
+                return self._abort()
+            store.stream.write(body[start + 6 : stop])
+            if is_last:
+                self._finish(store)
+            return True
+        if self._to_pynetdicom_until_done or not is_command:
+            items.append(bytes(body[start:stop]))
+            if is_last and not is_command:
+                self._to_pynetdicom_until_done = False
+            return True
+        # a command fragment: hold it until the command set is complete
+        self._command += body[start + 6 : stop]
+        self._held.append(bytes(body[start:stop]))
+        if len(self._command) > _MAX_COMMAND:
+            log.error("a command set of more than %d bytes: aborting the association",
+                      _MAX_COMMAND)
+            return self._abort()
+        if not is_last:
+            return True
+        command, held = bytes(self._command), self._held
+        self._command, self._held = bytearray(), []
+        store = self._begin(command, context_id)
+        if store is None:  # not ours: pynetdicom gets the whole message
+            items.extend(held)
+            self._to_pynetdicom_until_done = self._has_data_set(command)
+            return True
+        self._store = store
+        return True
+
+    def _abort(self) -> bool:
+        """Drop what is in progress; pynetdicom aborts the association (invalid PDU)."""
+        self.abandon()
+        self._command, self._held = bytearray(), []
+        self.dul.event_queue.put("Evt19")
+        return False
+
+    @staticmethod
+    def _has_data_set(command: bytes) -> bool:
+        try:
+            value = parse_command_set(command).get(_DATA_SET_TYPE, b"")
+        except CommandSetError:
+            return False
+        return len(value) == 2 and _US.unpack(value)[0] != _NO_DATA_SET
+
+    # -- one C-STORE -------------------------------------------------------------------
+
+    def _begin(self, command: bytes, context_id: int) -> _Store | None:
+        """A :class:`_Store` for a well-formed C-STORE request on an accepted storage
+        context, None for anything else (pynetdicom handles it)."""
+        try:
+            elements = parse_command_set(command)
+        except CommandSetError:
+            return None
+        field, data_set_type = elements.get(_COMMAND_FIELD), elements.get(_DATA_SET_TYPE)
+        message_id = elements.get(_MESSAGE_ID)
+        sop_class = _uid(elements.get(_AFFECTED_SOP_CLASS, b""))
+        sop_instance = _uid(elements.get(_AFFECTED_SOP_INSTANCE, b""))
+        if (field is None or len(field) != 2 or _US.unpack(field)[0] != _C_STORE_RQ
+                or data_set_type is None or len(data_set_type) != 2
+                or _US.unpack(data_set_type)[0] == _NO_DATA_SET
+                or message_id is None or len(message_id) != 2
+                or not sop_class or not sop_instance
+                or len(sop_class) > _MAX_UID or len(sop_instance) > _MAX_UID):
+            return None
+        assoc = self.dul.assoc
+        context = assoc._accepted_cx.get(context_id)
+        if context is None or str(context.abstract_syntax) != sop_class.decode("latin-1"):
+            return None  # pynetdicom answers with the status the standard gives
+        transfer_syntax = str(context.transfer_syntax[0])
+        requestor, acceptor = assoc.requestor, assoc.acceptor
+        arrival = Arrival(
+            calling=str(requestor.ae_title).strip(),
+            called=str(acceptor.ae_title).strip(),
+            peer=f"{requestor.address}:{requestor.port}",
+            sop_class_uid=sop_class.decode("latin-1"),
+            sop_instance_uid=sop_instance.decode("latin-1"),
+            transfer_syntax=transfer_syntax,
+        )
+        meta = file_meta(sop_class, sop_instance, transfer_syntax.encode(),
+                         str(acceptor.implementation_class_uid).encode(),
+                         str(acceptor.implementation_version_name or "").encode()[:16],
+                         arrival.calling.encode("latin-1", "replace")[:16])
+        try:
+            stream = SpoolTempFile(self.ctx.spool.tmp)
+        except OSError as exc:  # answered 0xA700 once the dataset has arrived
+            stream = SpoolTempFile.failed(exc)
+        stream.write(meta)
+        return _Store(arrival, context_id, _US.unpack(message_id)[0], sop_class, sop_instance,
+                      stream, len(meta))
+
+    def _finish(self, current: _Store) -> None:
+        """The dataset is complete: make it durable, answer, then enqueue."""
+        started = time.monotonic()
+        with self._lock:
+            if self._store is not current:
+                return  # abandoned meanwhile
+            self._store = None
+        status, receipt = store(self.ctx, current.arrival, current.received)
+        if receipt is None:
+            current.discard()
+        else:
+            current.stream.close()
+        self._respond(current, status)
+        if receipt is not None:
+            hand_off(self.ctx, receipt)
+        account(self.ctx, current.arrival, status, started)
+
+    def _respond(self, current: _Store, status: int) -> None:
+        response = store_response(current.sop_class, current.sop_instance, current.message_id,
+                                  status)
+        max_pdu = int(self.dul.assoc.requestor.maximum_length or 0)
+        sock = self.dul.socket
+        if sock is not None:
+            sock.send(command_pdus(current.context_id, response, max_pdu))
+        if status != statuses.SUCCESS:
+            log.debug("C-STORE status=0x%04X answered", status)
+
+    def abandon(self) -> None:
+        """Drop the C-STORE in progress (the association ended or broke before its dataset
+        was complete: it was never acked, the sender still holds it)."""
+        with self._lock:
+            current, self._store = self._store, None
+        if current is not None:
+            log.warning("C-STORE from %s: association ended before the dataset was complete; "
+                        "nothing acked, %d bytes discarded", current.arrival.calling,
+                        current.stream.size)
+            current.discard()
+
+
+def on_connection(event: Any, ctx: StoreContext) -> None:
+    """EVT_CONN_OPEN handler: put the fast path on this association's DUL."""
+    if getattr(event.assoc, "is_acceptor", True):
+        fast = FastPath(event.assoc.dul, ctx)
+        fast.install()
+        event.assoc._dicom_ingest_fast_path = fast
+
+
+def on_closed(event: Any) -> None:
+    """EVT_CONN_CLOSE handler: discard a half-received dataset."""
+    fast = getattr(event.assoc, "_dicom_ingest_fast_path", None)
+    if isinstance(fast, FastPath):
+        fast.abandon()
