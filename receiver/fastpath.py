@@ -130,7 +130,7 @@ def command_pdus(context_id: int, command: bytes, max_pdu: int) -> bytes:
 
 def file_meta(sop_class: bytes, sop_instance: bytes, transfer_syntax: bytes,
               implementation_uid: bytes, implementation_version: bytes,
-              source_ae: bytes) -> bytes:
+              source_ae: bytes, receiving_ae: bytes) -> bytes:
     """Preamble, ``DICM`` and the File Meta group (explicit VR little endian)."""
     def element(number: int, vr: bytes, value: bytes) -> bytes:
         if vr == b"OB":
@@ -145,6 +145,7 @@ def file_meta(sop_class: bytes, sop_instance: bytes, transfer_syntax: bytes,
         element(0x0012, b"UI", _even(implementation_uid, b"\0")),
         element(0x0013, b"SH", _even(implementation_version, b" ")),
         element(0x0016, b"AE", _even(source_ae, b" ")),
+        element(0x0018, b"AE", _even(receiving_ae, b" ")),
     ))
     return b"\0" * 128 + b"DICM" + element(0x0000, b"UL", struct.pack("<I", len(body))) + body
 
@@ -402,9 +403,12 @@ class FastPath:
         meta = file_meta(sop_class, sop_instance, transfer_syntax.encode(),
                          str(acceptor.implementation_class_uid).encode(),
                          str(acceptor.implementation_version_name or "").encode()[:16],
-                         arrival.calling.encode("latin-1", "replace")[:16])
+                         arrival.calling.encode("latin-1", "replace")[:16],
+                         arrival.called.encode("latin-1", "replace")[:16])
         try:
-            stream = SpoolTempFile(self.ctx.spool.tmp)
+            spool = self.ctx.spool
+            temp = spool.temp_files.take() if spool.temp_files is not None else None
+            stream = SpoolTempFile(spool.tmp, temp)
         except OSError as exc:  # answered 0xA700 once the dataset has arrived
             stream = SpoolTempFile.failed(exc)
         stream.write(meta)

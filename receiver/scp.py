@@ -33,7 +33,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from ingest.broker import make_celery, queue_length
 from ingest.settings import Settings, environment, redact_url
-from ingest.spool import Spool
+from ingest.spool import Spool, TempFilePool
 from receiver import fastpath, reactors, streams
 from receiver.associations import AssociationContext, on_accepted, on_ended, on_rejected
 from receiver.handlers import StoreContext, handle_echo, handle_store
@@ -114,6 +114,7 @@ class Receiver:
     sweeper: PeriodicSweeper
     monitor: SpoolMonitor
     metrics: ReceiverMetrics
+    spool: Spool
 
     @property
     def port(self) -> int:
@@ -139,6 +140,8 @@ class Receiver:
         self.sweeper.stop()
         self.monitor.stop()
         self.publisher.stop()
+        if self.spool.temp_files is not None:
+            self.spool.temp_files.stop()
 
     def _established(self) -> list[Any]:
         # a rejected or released association's thread can linger a while: not ours to wait on
@@ -149,6 +152,8 @@ def start(settings: Settings) -> Receiver:
     """Start listening (non-blocking) with the publisher and the periodic sweeper."""
     spool = Spool(settings.spool_dir)
     spool.ensure()
+    spool.temp_files = TempFilePool(spool.tmp)
+    spool.temp_files.start()
     # Stream every incoming dataset to a temp file on the spool filesystem, so memory does not
     # grow with instance size and the finished file can be renamed into the spool.
     _config.STORE_RECV_CHUNKED_DATASET = True
@@ -197,7 +202,7 @@ def start(settings: Settings) -> Receiver:
                                  evt_handlers=handlers, ssl_context=tls_context(settings))
     if settings.metrics_port:
         metrics.serve(settings.metrics_port + settings.receiver_index)
-    receiver = Receiver(settings, server, publisher, sweeper, monitor, metrics)
+    receiver = Receiver(settings, server, publisher, sweeper, monitor, metrics, spool)
     log.info("receiver %s listening on %s:%d%s, spool %s, broker %s", settings.ae_title,
              settings.host, receiver.port, " (TLS)" if settings.tls_cert else "",
              settings.spool_dir, redact_url(settings.redis_url))

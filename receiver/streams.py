@@ -16,12 +16,13 @@ import ctypes
 import errno
 import hashlib
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
 import pynetdicom.dimse_messages
+
+from ingest.spool import TempFile, create_temp
 
 WRITEBACK_STEP = 256 * 1024
 _SYNC_FILE_RANGE_WRITE = 2
@@ -57,9 +58,11 @@ class SpoolTempFile:
 
     HEAD = 256  # enough of the start to find where the File Meta ends
 
-    def __init__(self, directory: Path) -> None:
-        fd, self.name = tempfile.mkstemp(suffix=".dcm", prefix="recv-", dir=directory)
-        self._fh: Any = os.fdopen(fd, "wb")
+    def __init__(self, directory: Path, temp: TempFile | None = None) -> None:
+        if temp is None:
+            temp = create_temp(directory)
+        self.name = temp.path
+        self._fh: Any = os.fdopen(temp.fd, "wb")
         self.file = self  # pynetdicom calls ``.file.flush()``
         self.error: OSError | None = None
         self.digest = hashlib.sha256()

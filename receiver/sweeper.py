@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ingest.spool import Spool
+from ingest.spool import Spool, in_use
 
 log = logging.getLogger("dicom_ingest.sweeper")
 
@@ -79,7 +79,7 @@ def sweep_once(spool: Spool, enqueue: Callable[[str], None], age: float,
     for name in os.listdir(spool.tmp):
         path = spool.tmp / name
         with contextlib.suppress(FileNotFoundError):
-            if now - path.stat().st_mtime >= age:
+            if now - path.stat().st_mtime >= age and not in_use(path):
                 path.unlink()
                 result.removed_temp += 1
     if result.requeued or result.removed_orphans or result.removed_temp:
