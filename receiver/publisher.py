@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from typing import IO
+from typing import IO, Any
 
 from celery import Celery
 
@@ -39,11 +39,10 @@ _RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, 
 _BATCH = 256  # ids written to the child in one go
 
 
-def publish(app: Celery, receipt_id: str) -> None:
+def publish(app: Celery, receipt_id: str, producer: Any = None) -> None:
     """Send one archive task; raises when the broker cannot take it."""
-    app.send_task(
-        ARCHIVE_TASK, args=[receipt_id], queue=QUEUE, retry=True, retry_policy=_RETRY_POLICY
-    )
+    app.send_task(ARCHIVE_TASK, args=[receipt_id], queue=QUEUE, retry=True,
+                  retry_policy=_RETRY_POLICY, producer=producer)
 
 
 class Publisher:
@@ -218,16 +217,18 @@ def main() -> int:
     from ingest.broker import make_celery
 
     app = make_celery(settings, "dicom-ingest-publisher")
-    for line in sys.stdin.buffer:
-        receipt_id = line.decode(errors="replace").strip()
-        try:
-            check_receipt_id(receipt_id)
-            publish(app, receipt_id)
-        except Exception as exc:  # broker down: the sweeper re-enqueues from the spool
-            log.warning("enqueue failed for receipt %.40s (%s); the sweeper will retry it",
-                        receipt_id, exc)
-            sys.stdout.write(f"{receipt_id}\n")
-            sys.stdout.flush()
+    # one producer for the process's life (kombu reconnects it when Redis comes back)
+    with app.producer_or_acquire() as producer:
+        for line in sys.stdin.buffer:
+            receipt_id = line.decode(errors="replace").strip()
+            try:
+                check_receipt_id(receipt_id)
+                publish(app, receipt_id, producer)
+            except Exception as exc:  # broker down: the sweeper re-enqueues from the spool
+                log.warning("enqueue failed for receipt %.40s (%s); the sweeper will retry it",
+                            receipt_id, exc)
+                sys.stdout.write(f"{receipt_id}\n")
+                sys.stdout.flush()
     return 0
 
 
