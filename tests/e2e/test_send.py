@@ -3,6 +3,7 @@ would check it."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -239,3 +240,37 @@ def test_sweep_command_reenqueues(pipeline: Pipeline, tmp_path: Path) -> None:
     assert "requeued 1" in out
     pipeline.start("worker")
     wait_for(lambda: len(objects_under(pipeline.archive)) == 1, 60, what="the object")
+
+
+def test_a_sender_killed_mid_dataset_leaves_nothing_behind(pipeline: Pipeline,
+                                                            tmp_path: Path) -> None:
+    """storescu dies while a 256 MB instance is arriving: nothing was acked, so nothing is
+    spooled; the half-received bytes are removed and the receiver serves the next sender."""
+    from bench.corpus import make_large
+    from tests.support import make_instance
+
+    large = make_large(tmp_path / "large", 256)
+    tmp = pipeline.settings.spool_dir / "tmp"
+
+    def received_bytes() -> int:
+        total = 0
+        for path in tmp.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                total += path.stat().st_size
+        return total
+
+    sender = subprocess.Popen([dcmtk("storescu"), "-aec", "DICOM-INGEST", "127.0.0.1",
+                               str(pipeline.port), str(large)], env=dcmtk_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: received_bytes() > 16 * 2**20, 120, 0.005, "the dataset arriving")
+    finally:
+        sender.send_signal(signal.SIGKILL)
+        sender.wait()
+    wait_for(lambda: received_bytes() == 0, 30, what="the half-received bytes removed")
+    assert list((pipeline.settings.spool_dir / "entries").iterdir()) == []
+    assert "before the dataset was complete; nothing acked" in pipeline.log("receiver")
+    uid = make_instance(tmp_path / "next.dcm")
+    assert pynetdicom_send(pipeline.port, [tmp_path / "next.dcm"]) == [statuses.SUCCESS]
+    wait_for(lambda: list(pipeline.archive.rglob(f"{uid}.dcm")), 30, what="the next instance")
+    assert len(objects_under(pipeline.archive)) == 1

@@ -68,3 +68,37 @@ def test_spool_dir_must_be_usable(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(OSError):
         Spool(tmp_path / "file").ensure()
+
+
+def test_an_empty_receipt_is_rebuilt_from_the_file(spool: Spool, tmp_path: Path) -> None:
+    """A power loss can leave a receipt empty (its contents are not fsynced): reading it
+    rebuilds it from the File Meta and the file, and writes it back."""
+    import pydicom
+
+    make_instance(tmp_path / "a.dcm")
+    ds = pydicom.dcmread(tmp_path / "a.dcm")
+    ds.file_meta.SourceApplicationEntityTitle = "MODALITY1"
+    ds.file_meta.ReceivingApplicationEntityTitle = "DICOM-INGEST"
+    ds.save_as(tmp_path / "a.dcm", enforce_file_format=True)
+    original = spool_entry(spool, (tmp_path / "a.dcm").read_bytes(), calling="MODALITY1")
+    spool.receipt_path(original.receipt_id).write_bytes(b"")
+    rebuilt = spool.read_receipt(original.receipt_id)
+    assert rebuilt is not None
+    assert rebuilt.calling_aet == "MODALITY1" and rebuilt.called_aet == "DICOM-INGEST"
+    for name in ("sop_class_uid", "sop_instance_uid", "transfer_syntax", "size",
+                 "dataset_offset", "sha256"):
+        assert getattr(rebuilt, name) == getattr(original, name), name
+    assert Receipt.decode(spool.receipt_path(original.receipt_id).read_bytes()) == rebuilt
+
+
+def test_spare_temp_files_are_locked_until_used(spool: Spool) -> None:
+    from ingest.spool import TempFilePool, in_use
+
+    pool = TempFilePool(spool.tmp, size=4)
+    pool.start()
+    taken = pool.take()
+    assert in_use(Path(taken.path))
+    os.close(taken.fd)
+    assert not in_use(Path(taken.path))
+    pool.stop()
+    assert os.listdir(spool.tmp) == [os.path.basename(taken.path)]  # spares removed
