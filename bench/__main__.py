@@ -134,13 +134,17 @@ def main() -> int:
         if Orthanc.available():
             servers.append(("Orthanc", Orthanc))
         servers.append(("dicom-ingest", None))
+        servers.append(("dicom-ingest, fast path off", None))
         base: dict[str, float] = {}
 
         def run_server(name: str, cls: type[Server] | None, sub: str) -> Server:
             (work / sub).mkdir()
             if cls is None:
-                return Ours(work / sub, redis.url, str(work / sub / "archive"),
-                            extra_env=processes).start()
+                env = dict(processes)
+                if "fast path off" in name:
+                    env["INGEST_RECEIVER_FAST_PATH"] = "false"
+                return Ours(work / sub, redis.url, str(work / sub / "archive"), extra_env=env,
+                            label=name).start()
             return cls(work / sub).start()
 
         print("receive throughput and latency (no workers running for ours)", flush=True)
