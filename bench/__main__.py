@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.corpus import make_corpus, make_large
-from bench.servers import NODELAY, Orthanc, Ours, Server, Storescp, free_port
+from bench.servers import NODELAY, Orthanc, Ours, Server, Storescp, free_port, wait_port
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -183,8 +183,8 @@ def main() -> int:
             moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
                                      "-p", str(moto_port)], stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL)
-            time.sleep(2)
-        except OSError:
+            wait_port(moto_port, moto)  # started, so its start-up is not in what we time
+        except (OSError, RuntimeError):
             moto = None
         receive_rate = next(r.value for r in report.rows if r.server == "dicom-ingest"
                             and r.test == "512 KB, 1 association (instances/s)")
@@ -206,8 +206,7 @@ def main() -> int:
                     extra["INGEST_S3_ENDPOINT"] = f"http://127.0.0.1:{moto_port}"
                 ours = Ours(sub, redis.url, archive, extra_env=extra)
                 ours.start()
-                ours.start_workers(workers)
-                time.sleep(3)  # the pool is up before the clock starts
+                ours.start_workers(workers)  # returns once the pool is up
                 try:
                     started = time.perf_counter()
                     storescu(ours.port, ours.ae_title, ct)

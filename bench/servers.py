@@ -141,6 +141,15 @@ class Ours(Server):
         env = self.env | {"INGEST_WORKER_CONCURRENCY": str(processes)}
         self.workers = subprocess.Popen([sys.executable, "-m", "ingest.cli", "worker"],
                                         env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        # the clock starts once a worker answers a ping (its consumer and pool are up)
+        from celery import Celery
+
+        app = Celery(broker=self.env["INGEST_REDIS_URL"])
+        deadline = time.monotonic() + 120
+        while not app.control.ping(timeout=0.5):
+            if self.workers.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the workers did not start; see {self.workdir}")
+        app.close()
 
     def stop(self) -> None:
         terminate(self.workers)
