@@ -204,6 +204,11 @@ def main() -> int:
                           secure=False, region="us-east-1").make_bucket(bucket)
                     archive = f"s3://{bucket}"
                     extra["INGEST_S3_ENDPOINT"] = f"http://127.0.0.1:{moto_port}"
+                # the receive runs above left their tasks in the queue: not for these workers
+                import redis as redis_client
+
+                with redis_client.Redis.from_url(redis.url) as r:
+                    r.flushdb()
                 ours = Ours(sub, redis.url, archive, extra_env=extra)
                 ours.start()
                 ours.start_workers(workers)  # returns once the pool is up

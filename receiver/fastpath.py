@@ -65,6 +65,7 @@ _NO_DATA_SET = 0x0101
 # pynetdicom's reactor: the rest of the dataset is on its way.
 _MID_MESSAGE_WAIT = 0.05
 
+_SLICE = 256 * 1024  # most of a dataset fragment read from the socket at once
 _MAX_COMMAND = 64 * 1024  # a C-STORE command set is a few hundred bytes
 _MAX_UID = 1024  # longer "UIDs" go to pynetdicom; the workers quarantine shorter bad ones
 
@@ -183,7 +184,7 @@ class FastPath:
         self.dul = dul
         self.ctx = ctx
         self._pynetdicom_read = dul._read_pdu_data
-        self._buffer = bytearray(256 * 1024)
+        self._buffer = bytearray(_SLICE)
         self._lock = threading.Lock()
         self._command = bytearray()  # command fragments of the message being assembled
         self._held: list[bytes] = []  # its PDV items, until we know whose message it is
@@ -228,30 +229,43 @@ class FastPath:
         return bool(ready)
 
     def _read_one(self) -> bool:
-        """Read and handle one PDU; False when pynetdicom must take over."""
-        dul = self.dul
-        view = self._recv(6)
-        if view is None:
+        """Read and handle one PDU; False when pynetdicom must take over.
+
+        A P-DATA-TF PDU is read one PDV at a time, and a dataset fragment in slices of at
+        most :data:`_SLICE` bytes straight into the spool file: memory stays flat whatever
+        PDU size a sender uses (the maximum we announce is unlimited by default)."""
+        header = self._recv_bytes(6)
+        if header is None:
             return False
-        header = bytes(view)  # the buffer is reused for the body
-        view.release()
         pdu_type, _, length = _PDU_HEADER.unpack(header)
         if pdu_type not in _PDU_TYPES:
             log.error("unknown PDU type 0x%02X received: aborting the association", pdu_type)
-            self.abandon()
-            dul.event_queue.put("Evt19")  # unrecognised PDU: pynetdicom aborts
-            return False
-        body = self._recv(length)
-        if body is None:
-            return False
+            return self._abort()
         if pdu_type != _P_DATA_TF:
-            self._to_pynetdicom(header + bytes(body))
-            body.release()
+            body = self._recv_bytes(length)
+            if body is not None:
+                self._to_pynetdicom(header + body)
             return False
-        try:
-            self._on_p_data(body)
-        finally:
-            body.release()
+        items: list[bytes] = []  # PDV items for pynetdicom, from this PDU
+        remaining = length
+        while remaining:
+            pdv = self._recv_bytes(6) if remaining >= 6 else b""
+            if pdv is None:
+                return False
+            if not pdv:
+                log.error("a P-DATA-TF PDU ends inside a PDV header: aborting the association")
+                return self._abort()
+            item_length, context_id, control = _PDV_HEADER.unpack(pdv)
+            size = item_length - 2
+            if size < 0 or size > remaining - 6:
+                log.error("a PDV longer than its P-DATA-TF PDU: aborting the association")
+                return self._abort()
+            remaining -= 6 + size
+            if not self._on_pdv(size, context_id, control, items):
+                return False
+        if items:
+            data = b"".join(items)
+            self._to_pynetdicom(_PDU_HEADER.pack(_P_DATA_TF, 0, len(data)) + data)
         return True
 
     def _recv(self, count: int) -> memoryview | None:
@@ -278,6 +292,24 @@ class FastPath:
             return None
         return view
 
+    def _recv_bytes(self, count: int) -> bytes | None:
+        view = self._recv(count)
+        if view is None:
+            return None
+        data = bytes(view)
+        view.release()
+        return data
+
+    def _recv_into_stream(self, stream: SpoolTempFile, count: int) -> bool:
+        while count:
+            view = self._recv(min(count, _SLICE))
+            if view is None:
+                return False
+            stream.write(view)
+            count -= len(view)
+            view.release()
+        return True
+
     def _to_pynetdicom(self, pdu: bytes) -> None:
         """Hand a whole PDU to pynetdicom, as its own reader would have."""
         try:
@@ -290,32 +322,8 @@ class FastPath:
         self.dul.event_queue.put(event)
         self.dul._recv_pdu.put(decoded)
 
-    def _on_p_data(self, body: memoryview) -> None:
-        items: list[bytes] = []  # PDV items for pynetdicom, from this PDU
-        offset, end = 0, len(body)
-        while offset < end:
-            if offset + 6 > end:
-                return self._malformed(body)
-            length, context_id, control = _PDV_HEADER.unpack_from(body, offset)
-            stop = offset + 4 + length
-            if length < 2 or stop > end:
-                return self._malformed(body)
-            if not self._on_pdv(body, offset, stop, context_id, control, items):
-                return None  # the association is being aborted
-            offset = stop
-        if items:
-            item_bytes = b"".join(items)
-            self._to_pynetdicom(_PDU_HEADER.pack(_P_DATA_TF, 0, len(item_bytes)) + item_bytes)
-        return None
-
-    def _malformed(self, body: memoryview) -> None:
-        # pynetdicom's own decoder rejects it and aborts the association
-        self.abandon()
-        self._to_pynetdicom(_PDU_HEADER.pack(_P_DATA_TF, 0, len(body)) + bytes(body))
-
-    def _on_pdv(self, body: memoryview, start: int, stop: int, context_id: int,
-                control: int, items: list[bytes]) -> bool:
-        """Route one PDV; False when the association must be aborted."""
+    def _on_pdv(self, size: int, context_id: int, control: int, items: list[bytes]) -> bool:
+        """Read and route one PDV of ``size`` bytes; False when the association ends."""
         is_command, is_last = control & 0x01, control & 0x02
         store = self._store
         if store is not None:  # a dataset we are receiving
@@ -323,22 +331,28 @@ class FastPath:
                 log.error("C-STORE from %s: a PDV of another message or context arrived "
                           "mid-dataset: aborting the association", store.arrival.calling)
                 return self._abort()
-            store.stream.write(body[start + 6 : stop])
+            if not self._recv_into_stream(store.stream, size):
+                return False
             if is_last:
                 self._finish(store)
             return True
-        if self._to_pynetdicom_until_done or not is_command:
-            items.append(bytes(body[start:stop]))
+        ours = is_command and not self._to_pynetdicom_until_done
+        if ours and len(self._command) + size > _MAX_COMMAND:
+            log.error("a command set of more than %d bytes: aborting the association",
+                      _MAX_COMMAND)
+            return self._abort()
+        data = self._recv_bytes(size)
+        if data is None:
+            return False
+        item = _PDV_HEADER.pack(size + 2, context_id, control) + data
+        if not ours:
+            items.append(item)
             if is_last and not is_command:
                 self._to_pynetdicom_until_done = False
             return True
         # a command fragment: hold it until the command set is complete
-        self._command += body[start + 6 : stop]
-        self._held.append(bytes(body[start:stop]))
-        if len(self._command) > _MAX_COMMAND:
-            log.error("a command set of more than %d bytes: aborting the association",
-                      _MAX_COMMAND)
-            return self._abort()
+        self._command += data
+        self._held.append(item)
         if not is_last:
             return True
         command, held = bytes(self._command), self._held

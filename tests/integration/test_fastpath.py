@@ -40,7 +40,7 @@ def test_stored_bytes_and_receipt(tmp_path: Path, settings: Settings, start_rece
     and a receipt whose size and sha256 are the file's."""
     receiver = start_receiver(settings.replace(receiver_fast_path=fast_path, max_pdu=max_pdu))
     files = {}
-    for n, size in enumerate((0, 1000, 70_000, 600_000)):
+    for n, size in enumerate((0, 1000, 70_000, 600_000, 3_000_000)):
         files[make_instance(tmp_path / f"{n}.dcm", pixel_bytes=size)] = tmp_path / f"{n}.dcm"
     sent = pynetdicom_send(receiver.port, files.values(), calling="MODALITY1")
     assert sent == [statuses.SUCCESS] * len(files)
