@@ -25,8 +25,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
-import ssl
 import struct
 import threading
 import time
@@ -37,6 +35,7 @@ from pynetdicom.dul import DULServiceProvider
 
 from receiver import statuses
 from receiver.handlers import Arrival, StoreContext, account, hand_off, store
+from receiver.reactors import wait_readable
 from receiver.streams import SpoolTempFile
 
 log = logging.getLogger("dicom_ingest.receiver")
@@ -219,14 +218,11 @@ class FastPath:
                 return
 
     def _readable(self, timeout: float) -> bool:
-        sock: Any = self.dul.socket.socket  # type: ignore[union-attr]
         try:
-            if isinstance(sock, ssl.SSLSocket) and sock.pending():
-                return True
-            ready, _, _ = select.select([sock], [], [], timeout)
+            return bool(wait_readable(self.dul.socket.socket,  # type: ignore[union-attr]
+                                      timeout))
         except (OSError, ValueError, AttributeError):
             return False
-        return bool(ready)
 
     def _read_one(self) -> bool:
         """Read and handle one PDU; False when pynetdicom must take over.

@@ -39,6 +39,16 @@ _REACTOR_TURN = 0.001  # the association reactor's hard-coded sleep
 _ESTABLISHED = "Sta6"
 
 
+def wait_readable(sock: Any, timeout: float, also: tuple[Any, ...] = ()) -> list[Any]:
+    """Which of ``sock`` and ``also`` have data to read within ``timeout`` seconds. A TLS
+    socket may hold decrypted data that ``select`` cannot see: that counts at once. Raises
+    OSError or ValueError when the socket is gone."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return [sock]
+    ready, _, _ = select.select([sock, *also], [], [], timeout)
+    return ready
+
+
 def _association_sleep(seconds: float) -> None:
     """``time.sleep`` as pynetdicom's association module sees it: the reactor's turn waits
     for its association's wake-up event instead, where there is one."""
@@ -107,10 +117,7 @@ class DULWaiter:
             return False
         sock: Any = dul.socket.socket
         try:
-            if isinstance(sock, ssl.SSLSocket) and sock.pending():
-                ready: list[Any] = [sock]
-            else:
-                ready, _, _ = select.select([sock, self._wake_r], [], [], WAIT)
+            ready = wait_readable(sock, WAIT, (self._wake_r,))
             if self._wake_r in ready:
                 with contextlib.suppress(BlockingIOError):
                     while self._wake_r.recv(4096):
