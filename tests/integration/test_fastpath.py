@@ -6,6 +6,7 @@ its receipt."""
 from __future__ import annotations
 
 import hashlib
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,17 @@ import pytest
 from ingest.settings import Settings
 from ingest.spool import Spool
 from receiver import statuses
-from tests.support import dataset_bytes, make_instance, pynetdicom_send, split_part10
+from receiver.fastpath import encode_command_set
+from tests.support import (
+    dataset_bytes,
+    make_instance,
+    pynetdicom_send,
+    split_part10,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
+CT_UID = b"1.2.840.10008.5.1.4.1.1.2"
 
 
 def entries(settings: Settings) -> dict[str, tuple[Any, bytes]]:
@@ -84,3 +93,53 @@ def test_echo_between_stores_on_one_association(tmp_path: Path, settings: Settin
         assoc.release()
     assert seen == [statuses.SUCCESS] * 7
     assert len(entries(settings)) == 3
+
+
+def _p_data(context_id: int, control: int, data: bytes) -> bytes:
+    item = struct.pack(">IBB", len(data) + 2, context_id, control) + data
+    return struct.pack(">BBI", 0x04, 0, len(item)) + item
+
+
+def _store_command(sop_instance: bytes) -> bytes:
+    return encode_command_set([
+        (0x0002, CT_UID + b"\0"), (0x0100, b"\x01\x00"), (0x0110, b"\x07\x00"),
+        (0x0700, b"\x00\x00"), (0x0800, b"\x00\x00"), (0x1000, sop_instance),
+    ])
+
+
+HOSTILE = {  # what is sent -> what the receiver logs
+    "a PDV longer than its PDU": (struct.pack(">BBI", 0x04, 0, 8)
+                                  + struct.pack(">IBB", 100, 1, 0x03) + b"ab",
+                                  "a PDV longer than its P-DATA-TF PDU"),
+    "an unknown PDU type": (struct.pack(">BBI", 0x09, 0, 4) + b"abcd",
+                            "unknown PDU type 0x09"),
+    "a 70 KB command set": (_p_data(1, 0x01, b"\0" * 70_000), "a command set of more than"),
+    "a dataset PDV of another context mid-dataset": (
+        _p_data(1, 0x03, _store_command(b"1.2.3.4"))
+        + _p_data(1, 0x00, b"\x08\x00\x16\x00" + b"\0" * 4000) + _p_data(3, 0x02, b"\0" * 10),
+        "a PDV of another message or context arrived mid-dataset"),
+}
+
+
+@pytest.mark.parametrize(("raw", "logged"), list(HOSTILE.values()), ids=list(HOSTILE))
+def test_malformed_data_aborts_the_association_and_nothing_is_kept(
+        tmp_path: Path, settings: Settings, start_receiver: Any, raw: bytes, logged: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Bytes that break the protocol after a proper association: the receiver aborts it,
+    says why, acks nothing, keeps no bytes, and serves the next sender."""
+    from pynetdicom import AE
+
+    receiver = start_receiver(settings)
+    ae = AE(ae_title="HOSTILE")
+    ae.add_requested_context(CT_UID.decode(), "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", receiver.port, ae_title="DICOM-INGEST")
+    assert assoc.is_established
+    assoc.dul.socket.send(raw)
+    wait_for(lambda: assoc.is_aborted, 10, what="the receiver's A-ABORT")
+    assert logged in caplog.text
+    assert entries(settings) == {}
+    tmp = settings.spool_dir / "tmp"
+    wait_for(lambda: not [p for p in tmp.iterdir() if p.stat().st_size], 10,
+             what="no received bytes kept")
+    make_instance(tmp_path / "next.dcm")
+    assert pynetdicom_send(receiver.port, [tmp_path / "next.dcm"]) == [statuses.SUCCESS]
