@@ -53,6 +53,16 @@ _UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEn
 TRANSFER_SYNTAXES = [ts for ts in ALL_TRANSFER_SYNTAXES if ts not in _UNCOMPRESSED] + _UNCOMPRESSED
 
 
+class SharedContexts(list):  # type: ignore[type-arg]
+    """The server's supported presentation contexts. pynetdicom deep-copies them for every
+    association it accepts, though negotiation only reads them: 171 SOP classes in 45
+    transfer syntaxes took 69 ms to copy here, on every association. A deep copy of this
+    list is a new list of the same (unchanged) context objects."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
+        return list(self)
+
+
 class ReusePortServer(ThreadedAssociationServer):
     """An association server whose socket several processes can bind (``SO_REUSEPORT``):
     the kernel spreads new connections across them."""
@@ -200,6 +210,7 @@ def start(settings: Settings) -> Receiver:
     else:
         server = ae.start_server((settings.host, settings.port), block=False,
                                  evt_handlers=handlers, ssl_context=tls_context(settings))
+    server.contexts = SharedContexts(server.contexts)
     if settings.metrics_port:
         metrics.serve(settings.metrics_port + settings.receiver_index)
     receiver = Receiver(settings, server, publisher, sweeper, monitor, metrics, spool)
