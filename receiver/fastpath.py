@@ -212,6 +212,9 @@ class FastPath:
                 return
             if not self._read_one():
                 return
+            # data arrived: the association is not idle (pynetdicom restarts this timer after
+            # each turn of its reactor; a long dataset is read here in one turn)
+            dul._idle_timer.restart()
             if dul._kill_thread or dul.to_provider_queue.queue or dul.event_queue.queue:
                 return
             if self._store is None or not self._readable(_MID_MESSAGE_WAIT):

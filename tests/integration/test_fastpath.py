@@ -143,3 +143,31 @@ def test_malformed_data_aborts_the_association_and_nothing_is_kept(
              what="no received bytes kept")
     make_instance(tmp_path / "next.dcm")
     assert pynetdicom_send(receiver.port, [tmp_path / "next.dcm"]) == [statuses.SUCCESS]
+
+
+def test_a_dataset_that_streams_longer_than_the_network_timeout_is_received(
+        tmp_path: Path, settings: Settings, start_receiver: Any) -> None:
+    """A slow sender whose dataset keeps arriving for longer than the network (idle) timeout:
+    the association is not idle, so it is not aborted, and the instance is spooled."""
+    import time
+
+    from pynetdicom import AE
+
+    receiver = start_receiver(settings)
+    receiver.server.ae.network_timeout = 1.0  # for the associations accepted from now on
+    ae = AE(ae_title="SLOW")
+    ae.add_requested_context(CT_UID.decode(), "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", receiver.port, ae_title="DICOM-INGEST")
+    assert assoc.is_established
+    try:
+        assoc.dul.socket.send(_p_data(1, 0x03, _store_command(b"1.2.826.0.1.3680043.8.498.1\0")))
+        fragment = b"\x10\x00\x10\x00PN\x04\x00ABCD" * 100
+        started = time.monotonic()
+        while time.monotonic() - started < 2.5:  # a fragment every 20 ms, for 2.5 s
+            assoc.dul.socket.send(_p_data(1, 0x00, fragment))
+            time.sleep(0.02)
+        assoc.dul.socket.send(_p_data(1, 0x02, fragment))
+        wait_for(lambda: len(entries(settings)) == 1, 10, what="the instance spooled")
+        assert not assoc.is_aborted
+    finally:
+        assoc.release()
