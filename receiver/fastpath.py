@@ -23,6 +23,7 @@ fast path off.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import struct
@@ -419,11 +420,18 @@ class FastPath:
                          arrival.calling.encode("latin-1", "replace")[:16],
                          arrival.called.encode("latin-1", "replace")[:16])
         try:
-            spool = self.ctx.spool
-            temp = spool.temp_files.take() if spool.temp_files is not None else None
-            stream = SpoolTempFile(spool.tmp, temp)
-        except OSError as exc:  # answered 0xA700 once the dataset has arrived
-            stream = SpoolTempFile.failed(exc)
+            refusal = self.ctx.gate.refusal()
+        except Exception:  # store() asks again, and answers for it
+            refusal = None
+        if refusal is not None:  # past a spool limit: the dataset is not written at all
+            stream = SpoolTempFile.failed(OSError(errno.ENOSPC, refusal))
+        else:
+            try:
+                spool = self.ctx.spool
+                temp = spool.temp_files.take() if spool.temp_files is not None else None
+                stream = SpoolTempFile(spool.tmp, temp)
+            except OSError as exc:  # answered 0xA700 once the dataset has arrived
+                stream = SpoolTempFile.failed(exc)
         stream.write(meta)
         return _Store(arrival, context_id, _US.unpack(message_id)[0], sop_class, sop_instance,
                       stream, len(meta))

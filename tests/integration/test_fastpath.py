@@ -5,6 +5,7 @@ its receipt."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import struct
 from pathlib import Path
@@ -171,3 +172,36 @@ def test_a_dataset_that_streams_longer_than_the_network_timeout_is_received(
         assert not assoc.is_aborted
     finally:
         assoc.release()
+
+
+def test_an_instance_refused_for_back_pressure_never_reaches_the_disk(
+        tmp_path: Path, settings: Settings, start_receiver: Any) -> None:
+    """Past a spool limit (here INGEST_SPOOL_MAX_DEPTH) the sender gets 0xA700, and the
+    refused dataset is not written on the way: a spool short of room is not filled further."""
+    import threading
+
+    receiver = start_receiver(settings.replace(spool_max_depth=1))
+    make_instance(tmp_path / "first.dcm")
+    assert pynetdicom_send(receiver.port, [tmp_path / "first.dcm"]) == [statuses.SUCCESS]
+    make_instance(tmp_path / "big.dcm", pixel_bytes=40_000_000)
+    tmp = settings.spool_dir / "tmp"
+    largest = 0
+    done = threading.Event()
+
+    def watch() -> None:
+        nonlocal largest
+        while not done.is_set():
+            for path in tmp.iterdir():
+                with contextlib.suppress(FileNotFoundError):
+                    largest = max(largest, path.stat().st_size)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        sent = pynetdicom_send(receiver.port, [tmp_path / "big.dcm"])
+    finally:
+        done.set()
+        watcher.join()
+    assert sent == [statuses.OUT_OF_RESOURCES]
+    assert largest == 0  # not a byte of it in the spool's temp files
+    assert len(entries(settings)) == 1
