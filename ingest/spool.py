@@ -116,6 +116,18 @@ def create_temp(tmp_dir: Path, prefix: str = "recv-", suffix: str = ".dcm") -> T
     return TempFile(fd, path)
 
 
+def try_lock(fd: int) -> bool:
+    """Take an exclusive ``flock`` on ``fd`` without waiting: False when another open file
+    holds it; other errors raise."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return False
+        raise
+    return True
+
+
 def in_use(path: Path) -> bool:
     """Whether a process holds the lock :func:`create_temp` takes on a temp file."""
     try:
@@ -123,12 +135,11 @@ def in_use(path: Path) -> bool:
     except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        return exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+        return not try_lock(fd)
+    except OSError:
+        return False
     finally:
         os.close(fd)
-    return False
 
 
 @dataclass(frozen=True)
@@ -368,13 +379,6 @@ class Spool:
             yield False
             return
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    yield False
-                    return
-                raise
-            yield True
+            yield try_lock(fd)
         finally:
             os.close(fd)

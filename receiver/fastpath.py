@@ -200,11 +200,9 @@ class FastPath:
         """Replaces ``DULServiceProvider._read_pdu_data``: P-DATA-TF of an established
         association comes here; everything else goes to pynetdicom as before.
 
-        pynetdicom's reactor reads one PDU per turn and sleeps when a turn leaves it nothing
-        queued, which is every turn on the fast path: a 512 KB instance in 16 KB PDUs would
-        sleep 32 times. So this keeps reading while the next PDU is there or about to be
-        (mid-dataset, or the next request of a sender that streams), and returns to the
-        reactor as soon as pynetdicom has something to do.
+        pynetdicom's reactor reads one PDU per turn. Mid-dataset this keeps reading while
+        the next PDU is there or about to be, without a turn of the reactor per PDU, and
+        returns to the reactor as soon as pynetdicom has something to do.
         """
         dul = self.dul
         while True:
