@@ -7,6 +7,7 @@ is never the object's fault.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import os
@@ -22,6 +23,23 @@ from ingest.spool import file_digest, fsync_dir
 from workers.errors import TransientError
 
 META_PREFIX = "x-amz-meta-"
+#: why os.link may refuse where a copy still works: another filesystem, no hard links there
+_NO_LINK = {errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK}
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+#: the mode a new archive file gets (what ``open(..., "wb")`` gives under this umask)
+_FILE_MODE = 0o666 & ~_umask()
 _CHUNK = 1 << 20
 PART_SIZE = 16 * 2**20
 
@@ -118,14 +136,54 @@ class LocalArchive:
         self, key: str, path: Path, size: int, sha256: str, metadata: dict[str, str]
     ) -> StoredObject:
         target = self._path(key)
+        metadata = metadata | {"sha256": sha256}
         try:
+            linked = self._link(target, path, metadata)
+            if linked is not None:
+                return StoredObject(key, linked, sha256)
             with open(path, "rb") as src:
-                written_sha = self._write(target, src, metadata | {"sha256": sha256})
+                written_sha = self._write(target, src, metadata)
             stored_size = target.stat().st_size
         except OSError as exc:
             raise TransientError(f"cannot write {target}: {exc}") from exc
         # what landed on disk is what we hashed while writing it
         return StoredObject(key, stored_size, written_sha)
+
+    def _link(self, target: Path, path: Path, metadata: dict[str, str]) -> int | None:
+        """Give the spooled file ``path`` a second name, ``target``, instead of copying it:
+        the same bytes by construction, already durable (the receiver fsynced them), with
+        no data to read, hash, write or fsync again. Returns the size, or None where the
+        archive is on another filesystem (or one without hard links): then it is copied.
+
+        The caller has checked the file against its sha256 (and holds its spool entry, so
+        nothing writes to it); the spool's name for it is removed once it is archived.
+        """
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.link(path, tmp)
+        except OSError as exc:
+            if exc.errno in _NO_LINK:
+                return None
+            raise
+        try:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fchmod(fd, _FILE_MODE)  # as a copy would be, not as the spool keeps it
+                for name, value in metadata.items():
+                    with contextlib.suppress(OSError):  # no xattrs: head() hashes instead
+                        os.setxattr(fd, self.XATTR + name, _safe_header(value).encode())
+                size = os.fstat(fd).st_size
+                os.fsync(fd)  # its attributes and its new link count
+            finally:
+                os.close(fd)
+            os.rename(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        fsync_dir(target.parent)
+        return size
 
     def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
         try:

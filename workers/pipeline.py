@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 from ingest.keys import instance_key, quarantine_keys
 from ingest.settings import Settings
-from ingest.spool import Receipt, Spool
+from ingest.spool import Receipt, Spool, file_digest
 from workers import errors
 from workers.archive import Archive, StoredObject, open_archive
 from workers.errors import PermanentError, TransientError
@@ -101,10 +101,10 @@ class Pipeline:
             key,
             self.spool.dcm_path(receipt.receipt_id),
             receipt.size,
-            receipt.sha256,
+            receipt.sha256,  # inspect() checked the file against it
             _metadata(receipt),
         )
-        _verify(stored, receipt)
+        _verify(stored, receipt.size, receipt.sha256)
         log.info(
             "archived receipt=%s sop=%s calling=%s key=%s bytes=%d",
             receipt.receipt_id,
@@ -123,14 +123,17 @@ class Pipeline:
             "quarantined_at": time.time(),
             "receipt": asdict(receipt),
         }
+        # the object as it is now, which is not what the receipt says when the reason is a
+        # checksum mismatch: the receipt's own size and sha256 are in the reason record
+        size, sha256 = file_digest(self.spool.dcm_path(receipt.receipt_id))  # OSError: retry
         stored = self.archive.put_file(
             data_key,
             self.spool.dcm_path(receipt.receipt_id),
-            receipt.size,
-            receipt.sha256,
+            size,
+            sha256,
             _metadata(receipt),
         )
-        _verify(stored, receipt)
+        _verify(stored, size, sha256)
         self.archive.put_bytes(
             reason_key, json.dumps(reason, indent=2).encode(), "application/json"
         )
@@ -154,9 +157,9 @@ def _metadata(receipt: Receipt) -> dict[str, str]:
     }
 
 
-def _verify(stored: StoredObject, receipt: Receipt) -> None:
-    if stored.size != receipt.size or stored.sha256 != receipt.sha256:
+def _verify(stored: StoredObject, size: int, sha256: str) -> None:
+    if stored.size != size or stored.sha256 != sha256:
         raise TransientError(
             f"{stored.key}: stored object does not match the spool (size {stored.size} vs "
-            f"{receipt.size}); will write it again"
+            f"{size}, sha256 {stored.sha256[:12]}... vs {sha256[:12]}...); will write it again"
         )

@@ -4,8 +4,10 @@ app factory, moto's S3 server over HTTP (or a directory), pynetdicom as the send
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from receiver.publisher import publish
 from receiver.sweeper import sweep_once
 from tests.support import (
     CORPUS,
+    IN_CI,
     corpus_source,
     dataset_bytes,
     make_instance,
@@ -213,3 +216,85 @@ def test_large_instance_goes_up_in_parts(tmp_path: Path, settings: Settings, buc
     assert "-" in stat.etag  # a multipart upload's ETag
     assert minio_client.get_object(bucket, names[0]).read() == data
     assert pipeline.spool.depth() == 0
+
+
+@pytest.mark.parametrize("backend", ["directory", "s3"])
+def test_a_spool_file_changed_after_receipt_is_quarantined_as_it_is(
+        tmp_path: Path, settings: Settings, backend: str, request: pytest.FixtureRequest) -> None:
+    """Bytes that no longer match the receipt's sha256 (a disk fault in the spool) are
+    quarantined with reason checksum-mismatch, under their own sha256; the receipt's is in
+    the reason record. (The directory backend used to retry these forever.)"""
+    import json
+
+    from tests.support import sha256, spool_entry
+
+    if backend == "s3":
+        endpoint = request.getfixturevalue("s3_endpoint")
+        bucket = request.getfixturevalue("bucket")
+        settings = settings.replace(archive_url=f"s3://{bucket}", s3_endpoint=endpoint,
+                                    s3_secure=False)
+    pipeline = Pipeline.from_settings(settings)
+    pipeline.spool.ensure()
+    make_instance(tmp_path / "a.dcm")
+    sent = (tmp_path / "a.dcm").read_bytes()
+    receipt = spool_entry(pipeline.spool, sent)
+    spooled = pipeline.spool.dcm_path(receipt.receipt_id)
+    changed = bytearray(spooled.read_bytes())
+    changed[-1] ^= 0xFF
+    spooled.write_bytes(changed)
+
+    assert pipeline.process(receipt.receipt_id) is Outcome.QUARANTINED
+    data_key = f"quarantine/{receipt.receipt_id}.dcm"
+    assert pipeline.archive.read_bytes(data_key) == bytes(changed)
+    stored = pipeline.archive.head(data_key)
+    assert stored is not None and stored.sha256 == sha256(bytes(changed)) != receipt.sha256
+    reason = json.loads(pipeline.archive.read_bytes(f"quarantine/{receipt.receipt_id}.json"))
+    assert reason["reason"] == "checksum-mismatch"
+    assert reason["receipt"]["sha256"] == receipt.sha256 == sha256(sent)
+    assert pipeline.spool.receipt_ids() == []
+
+
+def test_directory_archive_takes_the_spooled_file_as_it_is(tmp_path: Path,
+                                                           settings: Settings) -> None:
+    """On the spool's filesystem the archived object is the spooled file under a second name
+    (nothing copied); on another filesystem it is copied. Either way: the sender's bytes under
+    the instance's key, sha256 and sender in its attributes, the mode of a new file, and
+    nothing left in the spool."""
+    from tests.support import sha256, spool_entry
+
+    shm = Path("/dev/shm")
+    spools = [("same filesystem", tmp_path / "spool")]
+    if shm.is_dir() and os.access(shm, os.W_OK) and \
+            os.stat(shm).st_dev != os.stat(tmp_path).st_dev:
+        other = Path(tempfile.mkdtemp(dir=shm, prefix="dicom-ingest-test-"))
+        spools.append(("another filesystem", other / "spool"))
+    elif IN_CI:
+        pytest.fail("/dev/shm is needed as a second filesystem")
+    umask = os.umask(0o022)
+    os.umask(umask)
+    try:
+        for n, (where, spool_dir) in enumerate(spools):
+            pipeline = Pipeline.from_settings(settings.replace(spool_dir=spool_dir))
+            pipeline.spool.ensure()
+            make_instance(tmp_path / f"{n}.dcm")
+            sent = (tmp_path / f"{n}.dcm").read_bytes()
+            receipt = spool_entry(pipeline.spool, sent, calling="CT-7")
+            spooled = os.stat(pipeline.spool.dcm_path(receipt.receipt_id))
+            assert pipeline.process(receipt.receipt_id) is Outcome.ARCHIVED, where
+            key = expected_key(tmp_path / f"{n}.dcm")
+            path = Path(settings.archive_url) / key
+            assert path.read_bytes() == sent, where
+            assert os.getxattr(path, "user.dicom_ingest.sha256").decode() == sha256(sent)
+            assert os.getxattr(path, "user.dicom_ingest.calling-aet") == b"CT-7"
+            stat = os.stat(path)
+            assert stat.st_mode & 0o777 == 0o666 & ~umask, where
+            assert stat.st_nlink == 1, where  # the spool's name for it is gone
+            assert (stat.st_ino == spooled.st_ino) == (where == "same filesystem")
+            assert pipeline.spool.receipt_ids() == [] and not list(pipeline.spool.entries.iterdir())
+            # a second delivery finds the same object and changes nothing
+            again = spool_entry(pipeline.spool, sent)
+            assert pipeline.process(again.receipt_id) is Outcome.ALREADY_ARCHIVED
+            assert path.read_bytes() == sent
+    finally:
+        if len(spools) > 1:
+            shutil.rmtree(spools[1][1].parent, ignore_errors=True)
