@@ -223,6 +223,18 @@ def write_durable(path: Path, data: bytes, tmp_dir: Path, temp: TempFile | None 
         os.close(fd)
 
 
+#: the receipt's extended attribute that counts unfinished attempts at its entry
+ATTEMPTS_XATTR = "user.dicom_ingest.attempts"
+_NO_XATTRS = {errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM}
+
+
+def _attempts(raw: bytes) -> int:
+    try:
+        return max(0, int(raw.decode("ascii") or 0))
+    except (UnicodeDecodeError, ValueError):
+        return 0  # garbled by a crash: start again
+
+
 class Spool:
     """Paths and the durable write/remove protocol of one spool root."""
 
@@ -319,29 +331,55 @@ class Spool:
         return receipt
 
     def attempts_path(self, receipt_id: str) -> Path:
+        """Where the attempt count lives on a filesystem without extended attributes."""
         return self.entries / f"{check_receipt_id(receipt_id)}.attempts"
 
     def begin_attempt(self, receipt_id: str) -> int:
         """Count one more attempt at an entry and return how many did not end (a worker that
-        crashed or hung mid-task never calls :meth:`end_attempt`): a poison detector."""
+        crashed or hung mid-task never calls :meth:`end_attempt`): a poison detector.
+
+        The count is an extended attribute of the receipt, so it goes when the entry goes and
+        costs no file of its own (creating and deleting one per task is slow on a directory
+        with much churn). Where the filesystem has no user xattrs it is a ``.attempts`` file.
+        """
+        receipt = self.receipt_path(receipt_id)
+        try:
+            count = _attempts(os.getxattr(receipt, ATTEMPTS_XATTR)) + 1
+        except OSError as exc:
+            if exc.errno == errno.ENODATA:
+                count = 1
+            elif exc.errno in _NO_XATTRS:
+                return self._begin_attempt_file(receipt_id)
+            else:
+                return 1  # the entry is gone, or its disk fails: counting is only a hint
+        # a full spool disk must not stop the work that frees it: counting is only a hint
+        with contextlib.suppress(OSError):
+            os.setxattr(receipt, ATTEMPTS_XATTR, str(count).encode())
+        return count
+
+    def _begin_attempt_file(self, receipt_id: str) -> int:
         path = self.attempts_path(receipt_id)
         try:
-            count = int(path.read_text() or 0) + 1
-        except (FileNotFoundError, ValueError):
+            count = _attempts(path.read_bytes()) + 1
+        except FileNotFoundError:
             count = 1
-        # a full spool disk must not stop the work that frees it: counting is only a hint
         with contextlib.suppress(OSError):
             path.write_text(str(count))
         return count
 
     def end_attempt(self, receipt_id: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.attempts_path(receipt_id))
+        try:
+            os.removexattr(self.receipt_path(receipt_id), ATTEMPTS_XATTR)
+        except OSError as exc:
+            if exc.errno not in _NO_XATTRS:
+                return
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.attempts_path(receipt_id))
 
     def remove(self, receipt_id: str) -> None:
         """Remove an entry: the receipt first (it marks the entry complete), then the file."""
         for path in (self.receipt_path(receipt_id), self.dcm_path(receipt_id),
-                     self.attempts_path(receipt_id)):
+                     self.attempts_path(receipt_id)):  # the last only without xattrs
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         # no directory fsync: an entry that comes back after a crash is archived already,

@@ -102,3 +102,20 @@ def test_spare_temp_files_are_locked_until_used(spool: Spool) -> None:
     assert not in_use(Path(taken.path))
     pool.stop()
     assert os.listdir(spool.tmp) == [os.path.basename(taken.path)]  # spares removed
+
+
+def test_attempts_are_counted_on_the_receipt_not_in_files_of_their_own(
+        spool: Spool, tmp_path: Path) -> None:
+    """The poison counter lives in an extended attribute of the receipt: no file is made or
+    deleted per task (on a spool with much churn that costs an inode allocation each)."""
+    make_instance(tmp_path / "a.dcm")
+    receipt = spool_entry(spool, (tmp_path / "a.dcm").read_bytes())
+    names = sorted(os.listdir(spool.entries))
+    assert [spool.begin_attempt(receipt.receipt_id) for _ in range(3)] == [1, 2, 3]
+    assert sorted(os.listdir(spool.entries)) == names
+    spool.end_attempt(receipt.receipt_id)
+    assert spool.begin_attempt(receipt.receipt_id) == 1
+    assert spool.read_receipt(receipt.receipt_id) == receipt  # the receipt itself unchanged
+    spool.remove(receipt.receipt_id)
+    assert os.listdir(spool.entries) == []
+    assert spool.begin_attempt(receipt.receipt_id) == 1  # gone: a hint, never an error
