@@ -38,7 +38,6 @@ def run(settings: Settings, extra_args: list[str] | None = None) -> int:
         f"--loglevel={settings.log_level}",
         "--without-mingle",
         "--without-gossip",
-        "-E",
     ]
     try:
         app.worker_main(argv + list(extra_args or []))

@@ -255,3 +255,49 @@ def test_several_receiver_processes_share_the_port(tmp_path: Path, redis_url: st
         assert len(children) == 1  # the extra receiver (beside the publisher process)
         assert pipeline.stop("receiver") == 0
         assert not port_open(port)
+
+
+def test_workers_send_task_events_only_once_asked(tmp_path: Path, redis_url: str) -> None:
+    """Task events cost the worker CPU per task and nobody may be listening: the worker sends
+    none until asked (as Flower asks when it runs, or INGEST_WORKER_TASK_EVENTS=true)."""
+    import threading
+
+    from ingest.broker import make_celery
+
+    with start_pipeline(tmp_path, redis_url) as pipeline:
+        app = make_celery(pipeline.settings, "events-test")
+        me = f"dicom-ingest-{pipeline.processes['worker'].pid}@"
+        seen: list[dict[str, Any]] = []
+        ready = threading.Event()
+        with app.connection_for_read() as connection:
+            receiver = app.events.Receiver(connection, handlers={"*": seen.append})
+            receiver.on_consume_ready = lambda *args, **kwargs: ready.set()
+            listener = threading.Thread(target=receiver.capture, daemon=True,
+                                        kwargs={"limit": None, "timeout": None})
+            listener.start()
+            try:
+                assert ready.wait(30), "the event receiver did not start"
+
+                def task_events() -> list[dict[str, Any]]:
+                    return [e for e in list(seen) if e["type"].startswith("task-")
+                            and str(e.get("hostname", "")).startswith(me)]
+
+                files = instances(tmp_path / "quiet", 3)
+                assert pynetdicom_send(pipeline.port, files) == [statuses.SUCCESS] * 3
+                wait_for(lambda: len(objects_under(pipeline.archive)) == 3, 30, what="archive")
+                assert task_events() == []
+
+                app.control.enable_events()  # what Flower does every few seconds
+                wait_for(lambda: any(e["type"] == "worker-heartbeat" and
+                                     str(e.get("hostname", "")).startswith(me)
+                                     for e in list(seen)), 30, 0.2, what="events enabled")
+                files = instances(tmp_path / "watched", 2)
+                assert pynetdicom_send(pipeline.port, files) == [statuses.SUCCESS] * 2
+                wait_for(lambda: sum(e["type"] == "task-succeeded" for e in task_events()) == 2,
+                         30, 0.2, what="task-succeeded events")
+                assert {e["name"] for e in task_events() if e["type"] == "task-received"} \
+                    == {"dicom_ingest.archive"}
+            finally:
+                receiver.should_stop = True
+                listener.join(10)
+        app.close()
