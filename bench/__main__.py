@@ -20,6 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench.corpus import make_corpus, make_large
 from bench.servers import NODELAY, Orthanc, Ours, Server, Storescp, free_port, wait_port
@@ -133,8 +134,11 @@ def main() -> int:
                         help="worker processes for the N-worker end-to-end run")
     parser.add_argument("--receiver-processes", type=int, default=0,
                         help="receiver processes for ours (0: the default setting)")
+    parser.add_argument("--only", choices=("receive", "e2e", "memory"), action="append",
+                        help="run only this part (repeatable); default: all three")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    parts = set(args.only or ("receive", "e2e", "memory"))
     if not shutil.which("storescu") or not shutil.which("storescp"):
         print("bench: DCMTK is needed (apt-get install dcmtk)", file=sys.stderr)
         return 2
@@ -151,125 +155,12 @@ def main() -> int:
     processes = {} if not args.receiver_processes else {
         "INGEST_RECEIVER_PROCESSES": str(args.receiver_processes)}
     try:
-        servers: list[tuple[str, type[Server] | None]] = [("DCMTK storescp", Storescp)]
-        if Orthanc.available():
-            servers.append(("Orthanc", Orthanc))
-        servers.append(("dicom-ingest", None))
-        servers.append(("dicom-ingest, fast path off", None))
-        base: dict[str, float] = {}
-
-        def run_server(name: str, cls: type[Server] | None, sub: str) -> Server:
-            (work / sub).mkdir()
-            if cls is None:
-                env = dict(processes)
-                if "fast path off" in name:
-                    env["INGEST_RECEIVER_FAST_PATH"] = "false"
-                return Ours(work / sub, redis.url, str(work / sub / "archive"), extra_env=env,
-                            label=name).start()
-            return cls(work / sub).start()
-
-        print("receive throughput and latency (no workers running for ours)", flush=True)
-        for n, (name, cls) in enumerate(servers):
-            for m, (label, files, assocs) in enumerate((("512 KB, 1 association", ct, 1),
-                                                        ("512 KB, 4 associations", ct, 4),
-                                                        ("40 KB, 1 association", small, 1))):
-                server = run_server(name, cls, f"rx{n}-{m}")
-                try:
-                    rate = throughput(server, files, assocs)
-                finally:
-                    server.stop()
-                key = f"{label} (instances/s)"
-                if cls is Storescp:
-                    base[key] = rate
-                ratio = rate / base[key] if cls is not Storescp else None
-                report.add(Row(key, name, rate, "inst/s", ratio))
-                mb = rate * files[0].stat().st_size / 1e6
-                report.add(Row(f"{label} (MB/s)", name, mb, "MB/s", ratio))
-            server = run_server(name, cls, f"lat{n}")
-            try:
-                p50, p99 = latencies(server, ct[:200])
-                setup = association_setup(server)
-            finally:
-                server.stop()
-            for key, v in (("C-STORE round trip p50 (ms, pynetdicom sender)", p50),
-                           ("C-STORE round trip p99 (ms, pynetdicom sender)", p99),
-                           ("association with 128 contexts, C-ECHO, release (ms)", setup)):
-                if cls is Storescp:
-                    base[key] = v
-                report.add(Row(key, name, v, "ms", v / base[key] if cls is not Storescp
-                               else None))
-
-        print("end to end: first send to last object archived", flush=True)
-        moto = None
-        moto_port = free_port()
-        try:
-            moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
-                                     "-p", str(moto_port)], stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL)
-            wait_port(moto_port, moto)  # started, so its start-up is not in what we time
-        except (OSError, RuntimeError):
-            moto = None
-        receive_rate = next(r.value for r in report.rows if r.server == "dicom-ingest"
-                            and r.test == "512 KB, 1 association (instances/s)")
-        for backend in ("directory", "s3"):
-            if backend == "s3" and moto is None:
-                continue
-            for workers in sorted({1, args.workers}):
-                sub = work / f"e2e-{backend}-{workers}"
-                sub.mkdir()
-                archive = str(sub / "archive")
-                extra = dict(processes)
-                if backend == "s3":
-                    bucket = f"bench{workers}"
-                    from minio import Minio
-
-                    Minio(f"127.0.0.1:{moto_port}", access_key="bench", secret_key="bench",
-                          secure=False, region="us-east-1").make_bucket(bucket)
-                    archive = f"s3://{bucket}"
-                    extra["INGEST_S3_ENDPOINT"] = f"http://127.0.0.1:{moto_port}"
-                # the receive runs above left their tasks in the queue: not for these workers
-                import redis as redis_client
-
-                with redis_client.Redis.from_url(redis.url) as r:
-                    r.flushdb()
-                ours = Ours(sub, redis.url, archive, extra_env=extra)
-                ours.start()
-                ours.start_workers(workers)  # returns once the pool is up
-                try:
-                    started = time.perf_counter()
-                    storescu(ours.port, ours.ae_title, ct)
-                    received = len(ct) / (time.perf_counter() - started)
-                    deadline = time.monotonic() + 600
-                    while archived(archive, moto_port) < len(ct):
-                        if time.monotonic() > deadline:
-                            raise RuntimeError(f"end to end {backend}: not all archived")
-                        time.sleep(0.1)
-                    rate = len(ct) / (time.perf_counter() - started)
-                finally:
-                    ours.stop()
-                report.add(Row(f"end to end, {backend}, {workers} worker process(es)",
-                               "dicom-ingest", rate, "inst/s", None,
-                               f"{rate / received:.2f}x the receive rate of the same run "
-                               f"({received:.0f}/s, workers busy meanwhile); "
-                               f"{rate / receive_rate:.2f}x the receive rate alone"))
-        if moto is not None:
-            moto.terminate()
-            moto.wait()
-
-        print(f"peak receiver memory while a {args.large_mb} MB instance arrives", flush=True)
-        large = make_large(work / "large", args.large_mb)
-        sub = work / "large-rx"
-        sub.mkdir()
-        ours = Ours(sub, redis.url, str(sub / "archive"), extra_env=processes)
-        ours.start()
-        try:
-            before = ours.peak_rss_mb()
-            storescu(ours.port, ours.ae_title, [large])
-            peak = ours.peak_rss_mb()
-        finally:
-            ours.stop()
-        report.add(Row(f"receiver peak RSS, {args.large_mb} MB instance", "dicom-ingest", peak,
-                       "MB", None, f"{before:.0f} MB before it arrived"))
+        if "receive" in parts:
+            receive(report, work, redis, ct, small, processes)
+        if "e2e" in parts:
+            end_to_end(report, work, redis, ct, args.workers, processes)
+        if "memory" in parts:
+            peak_memory(report, work, redis, args.large_mb, processes)
     finally:
         redis.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -281,6 +172,149 @@ def main() -> int:
     paths = write(report.rows, args.out, machine)
     print(f"bench: wrote {', '.join(str(p) for p in paths)}")
     return 0
+
+
+def receive(report: Report, work: Path, redis: Any, ct: list[Path], small: list[Path],
+            processes: dict[str, str]) -> None:
+    """Receive throughput over 1 and 4 associations, C-STORE round trip, association set-up:
+    DCMTK storescp, Orthanc when installed, ours with and without its fast path."""
+    servers: list[tuple[str, type[Server] | None]] = [("DCMTK storescp", Storescp)]
+    if Orthanc.available():
+        servers.append(("Orthanc", Orthanc))
+    servers.append(("dicom-ingest", None))
+    servers.append(("dicom-ingest, fast path off", None))
+    base: dict[str, float] = {}
+
+    def run_server(name: str, cls: type[Server] | None, sub: str) -> Server:
+        (work / sub).mkdir()
+        if cls is None:
+            env = dict(processes)
+            if "fast path off" in name:
+                env["INGEST_RECEIVER_FAST_PATH"] = "false"
+            return Ours(work / sub, redis.url, str(work / sub / "archive"), extra_env=env,
+                        label=name).start()
+        return cls(work / sub).start()
+
+    print("receive throughput and latency (no workers running for ours)", flush=True)
+    for n, (name, cls) in enumerate(servers):
+        for m, (label, files, assocs) in enumerate((("512 KB, 1 association", ct, 1),
+                                                    ("512 KB, 4 associations", ct, 4),
+                                                    ("40 KB, 1 association", small, 1))):
+            server = run_server(name, cls, f"rx{n}-{m}")
+            try:
+                rate = throughput(server, files, assocs)
+            finally:
+                server.stop()
+            key = f"{label} (instances/s)"
+            if cls is Storescp:
+                base[key] = rate
+            ratio = rate / base[key] if cls is not Storescp else None
+            report.add(Row(key, name, rate, "inst/s", ratio))
+            mb = rate * files[0].stat().st_size / 1e6
+            report.add(Row(f"{label} (MB/s)", name, mb, "MB/s", ratio))
+        server = run_server(name, cls, f"lat{n}")
+        try:
+            p50, p99 = latencies(server, ct[:200])
+            setup = association_setup(server)
+        finally:
+            server.stop()
+        for key, v in (("C-STORE round trip p50 (ms, pynetdicom sender)", p50),
+                       ("C-STORE round trip p99 (ms, pynetdicom sender)", p99),
+                       ("association with 128 contexts, C-ECHO, release (ms)", setup)):
+            if cls is Storescp:
+                base[key] = v
+            report.add(Row(key, name, v, "ms", v / base[key] if cls is not Storescp
+                           else None))
+
+
+def end_to_end(report: Report, work: Path, redis: Any, ct: list[Path], n_workers: int,
+               processes: dict[str, str]) -> None:
+    """First send to last object archived, the workers running while the sender sends: with
+    the directory backend and with S3 (moto), for 1 and for ``n_workers`` worker processes,
+    and once more with Celery task events on (as when Flower watches)."""
+    print("end to end: first send to last object archived", flush=True)
+    moto: subprocess.Popen[bytes] | None = None
+    moto_port = free_port()
+    try:
+        moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                                 "-p", str(moto_port)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        wait_port(moto_port, moto)  # started, so its start-up is not in what we time
+    except (OSError, RuntimeError):
+        moto = None
+    alone = [r.value for r in report.rows if r.server == "dicom-ingest"
+             and r.test == "512 KB, 1 association (instances/s)"]
+    runs = [(backend, workers, False) for backend in ("directory",)
+            for workers in sorted({1, n_workers})]
+    runs.append(("directory", n_workers, True))
+    try:
+        for backend, workers, events in runs:
+            if backend == "s3" and moto is None:
+                continue
+            sub = work / f"e2e-{backend}-{workers}{'-events' if events else ''}"
+            sub.mkdir()
+            archive = str(sub / "archive")
+            extra = dict(processes)
+            if events:
+                extra["INGEST_WORKER_TASK_EVENTS"] = "true"
+            if backend == "s3":
+                bucket = f"bench{workers}"
+                from minio import Minio
+
+                Minio(f"127.0.0.1:{moto_port}", access_key="bench", secret_key="bench",
+                      secure=False, region="us-east-1").make_bucket(bucket)
+                archive = f"s3://{bucket}"
+                extra["INGEST_S3_ENDPOINT"] = f"http://127.0.0.1:{moto_port}"
+            # the receive runs left their tasks in the queue: not for these workers
+            import redis as redis_client
+
+            with redis_client.Redis.from_url(redis.url) as r:
+                r.flushdb()
+            ours = Ours(sub, redis.url, archive, extra_env=extra)
+            ours.start()
+            ours.start_workers(workers)  # returns once the pool is up
+            try:
+                started = time.perf_counter()
+                storescu(ours.port, ours.ae_title, ct)
+                received = len(ct) / (time.perf_counter() - started)
+                deadline = time.monotonic() + 600
+                while archived(archive, moto_port) < len(ct):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"end to end {backend}: not all archived")
+                    time.sleep(0.1)
+                rate = len(ct) / (time.perf_counter() - started)
+            finally:
+                ours.stop()
+            note = (f"{rate / received:.2f}x the receive rate of the same run "
+                    f"({received:.0f}/s, workers busy meanwhile)")
+            if alone:
+                note += f"; {rate / alone[0]:.2f}x the receive rate alone"
+            label = f"end to end, {backend}, {workers} worker process(es)"
+            report.add(Row(label + (", task events on" if events else ""), "dicom-ingest",
+                           rate, "inst/s", None, note))
+    finally:
+        if moto is not None:
+            moto.terminate()
+            moto.wait()
+
+
+def peak_memory(report: Report, work: Path, redis: Any, large_mb: int,
+                processes: dict[str, str]) -> None:
+    """The receiver's peak RSS while one instance of ``large_mb`` arrives."""
+    print(f"peak receiver memory while a {large_mb} MB instance arrives", flush=True)
+    large = make_large(work / "large", large_mb)
+    sub = work / "large-rx"
+    sub.mkdir()
+    ours = Ours(sub, redis.url, str(sub / "archive"), extra_env=processes)
+    ours.start()
+    try:
+        before = ours.peak_rss_mb()
+        storescu(ours.port, ours.ae_title, [large])
+        peak = ours.peak_rss_mb()
+    finally:
+        ours.stop()
+    report.add(Row(f"receiver peak RSS, {large_mb} MB instance", "dicom-ingest", peak,
+                   "MB", None, f"{before:.0f} MB before it arrived"))
 
 
 if __name__ == "__main__":
