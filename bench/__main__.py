@@ -244,7 +244,7 @@ def end_to_end(report: Report, work: Path, redis: Any, ct: list[Path], n_workers
         moto = None
     alone = [r.value for r in report.rows if r.server == "dicom-ingest"
              and r.test == "512 KB, 1 association (instances/s)"]
-    runs = [(backend, workers, False) for backend in ("directory",)
+    runs = [(backend, workers, False) for backend in ("directory", "s3")
             for workers in sorted({1, n_workers})]
     runs.append(("directory", n_workers, True))
     try:
