@@ -36,9 +36,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        # task events cost the worker's main process about 1 ms of CPU per task (three
-        # Redis PUBLISHes); off unless asked for, and Flower turns them on when it runs
-        "worker_send_task_events": settings.worker_task_events,
+        "worker_send_task_events": True,
         "task_send_sent_event": False,
         "worker_hijack_root_logger": False,
         "enable_utc": True,

@@ -20,7 +20,6 @@ def run(settings: Settings, address: str = "0.0.0.0") -> int:
         # a one-machine convenience: the password is shown once, to whoever started it
         print(f"dicom-ingest: INGEST_FLOWER_BASIC_AUTH is not set; Flower's login for this "
               f"run is {auth}", file=sys.stderr)
-    _enable_task_events(settings)
     args = [sys.executable, "-m", "celery", "--broker", settings.redis_url, "flower",
             f"--port={settings.flower_port}", f"--address={address}",
             "--purge_offline_workers=60"]
@@ -28,18 +27,3 @@ def run(settings: Settings, address: str = "0.0.0.0") -> int:
     log.info("flower on http://%s:%d", address, settings.flower_port)
     os.execve(sys.executable, args, env)
     return 0  # not reached
-
-
-def _enable_task_events(settings: Settings) -> None:
-    """Workers send task events only while someone watches (they cost CPU per task). Flower
-    asks for them every few seconds once it runs; asking now as well means the tasks of its
-    first seconds are shown too."""
-    from ingest.broker import make_celery
-
-    app = make_celery(settings, "dicom-ingest-flower")
-    try:
-        app.control.enable_events()
-    except Exception as exc:  # Redis not up yet: Flower asks again itself
-        log.warning("could not ask the workers for task events yet: %s", exc)
-    finally:
-        app.close()

@@ -49,7 +49,6 @@ class Settings:
     log_format: str = "text"
     log_level: str = "INFO"
     worker_concurrency: int = 0  # 0: one process per core
-    worker_task_events: bool = False  # Celery task events from the start (Flower turns them on)
     task_max_retries: int = 8
     visibility_timeout: int = 3600
     metrics_port: int = 0  # 0: no /metrics endpoint
@@ -194,8 +193,6 @@ def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Sett
     for name in ("TLS_CERT", "TLS_KEY", "TLS_CA"):
         if (v := get(name)) is not None:
             values[name.lower()] = v
-    if (v := get("WORKER_TASK_EVENTS")) is not None:
-        values["worker_task_events"] = _bool("WORKER_TASK_EVENTS", v)
     if (v := get("RECEIVER_PROCESSES")) is not None:
         values["receiver_processes"] = _int("RECEIVER_PROCESSES", v, minimum=1)
     if (v := get("RECEIVER_INDEX")) is not None:
@@ -244,7 +241,6 @@ def environment(settings: Settings) -> dict[str, str]:
         "LOG_FORMAT": settings.log_format,
         "LOG_LEVEL": settings.log_level.lower(),
         "WORKER_CONCURRENCY": str(settings.worker_concurrency),
-        "WORKER_TASK_EVENTS": str(settings.worker_task_events).lower(),
         "TASK_MAX_RETRIES": str(settings.task_max_retries),
         "VISIBILITY_TIMEOUT": str(settings.visibility_timeout),
         "METRICS_PORT": str(settings.metrics_port),

@@ -15,6 +15,7 @@ from workers.pipeline import Pipeline
 
 def create_app(settings: Settings) -> Celery:
     app = make_celery(settings, "dicom-ingest-worker")
+    app.conf.worker_consumer = "workers.consumer:Consumer"  # task events in batches
     if settings.worker_concurrency:
         app.conf.worker_concurrency = settings.worker_concurrency
     tasks.register(app, lambda: Pipeline.from_settings(settings), settings.task_max_retries)
@@ -38,6 +39,7 @@ def run(settings: Settings, extra_args: list[str] | None = None) -> int:
         f"--loglevel={settings.log_level}",
         "--without-mingle",
         "--without-gossip",
+        "-E",
     ]
     try:
         app.worker_main(argv + list(extra_args or []))

@@ -1,0 +1,31 @@
+"""The worker's consumer: Celery's own, sending task events in batches.
+
+Celery buffers task events and flushes them at the next turn of its event loop, so with one
+task at a time per process nearly every event (received, started, succeeded: three a task)
+goes out in a Redis PUBLISH of its own, which cost the worker's main process about 1 ms of
+CPU per task here. This consumer flushes at most every :data:`EVENTS_INTERVAL` seconds, one
+PUBLISH for all the events of that time (Celery's ``task.multi``, which Flower reads like
+single events). Celery flushes on its own when the buffer holds 24 events, and at shutdown.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery.worker.consumer import Consumer as CeleryConsumer
+
+#: the longest a task event waits in the buffer, in seconds (a dashboard does not notice)
+EVENTS_INTERVAL = 0.25
+
+
+class Consumer(CeleryConsumer):  # type: ignore[misc]
+    _events_due = False
+
+    def on_send_event_buffered(self) -> None:
+        if self.hub is not None and not self._events_due:
+            self._events_due = True
+            self.hub.call_later(EVENTS_INTERVAL, self._flush_batched_events)
+
+    def _flush_batched_events(self, *args: Any) -> None:
+        self._events_due = False
+        self._flush_events()
