@@ -169,7 +169,8 @@ def main() -> int:
     parser.add_argument("--receiver-processes", type=int, default=0,
                         help="receiver processes for ours (0: the default setting)")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds of the receive runs, the receivers taking turns (3)")
+                        help="rounds of the receive runs (the receivers taking turns) and of the "
+                        "end-to-end runs; each figure is the median (3)")
     parser.add_argument("--only", choices=("receive", "e2e", "memory"), action="append",
                         help="run only this part (repeatable); default: all three")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -194,7 +195,7 @@ def main() -> int:
         if "receive" in parts:
             receive(report, work, redis, ct, small, processes, args.rounds)
         if "e2e" in parts:
-            end_to_end(report, work, redis, ct, args.workers, processes)
+            end_to_end(report, work, redis, ct, args.workers, processes, args.rounds)
         if "memory" in parts:
             peak_memory(report, work, redis, args.large_mb, processes)
     finally:
@@ -293,7 +294,7 @@ def receive(report: Report, work: Path, redis: Any, ct: list[Path], small: list[
 
 
 def end_to_end(report: Report, work: Path, redis: Any, ct: list[Path], n_workers: int,
-               processes: dict[str, str]) -> None:
+               processes: dict[str, str], rounds: int) -> None:
     """First send to last object archived, the workers running while the sender sends: with
     the directory backend and with S3 (moto), for 1 and for ``n_workers`` worker processes."""
     print("end to end: first send to last object archived", flush=True)
@@ -308,55 +309,68 @@ def end_to_end(report: Report, work: Path, redis: Any, ct: list[Path], n_workers
         moto = None
     alone = [r.value for r in report.rows if r.server == "dicom-ingest"
              and r.test == "512 KB, 1 association (instances/s)"]
-    runs = [(backend, workers) for backend in ("directory", "s3")
-            for workers in sorted({1, n_workers})]
+    configs = [(backend, workers) for backend in ("directory", "s3")
+               for workers in sorted({1, n_workers})]
+    results: dict[tuple[str, int], list[tuple[float, float]]] = {}
     try:
-        for backend, workers in runs:
-            if backend == "s3" and moto is None:
-                continue
-            sub = work / f"e2e-{backend}-{workers}"
-            sub.mkdir()
-            archive = str(sub / "archive")
-            extra = dict(processes)
-            if backend == "s3":
-                bucket = f"bench{workers}"
-                from minio import Minio
-
-                Minio(f"127.0.0.1:{moto_port}", access_key="bench", secret_key="bench",
-                      secure=False, region="us-east-1").make_bucket(bucket)
-                archive = f"s3://{bucket}"
-                extra["INGEST_S3_ENDPOINT"] = f"http://127.0.0.1:{moto_port}"
-            # the receive runs left their tasks in the queue: not for these workers
-            import redis as redis_client
-
-            with redis_client.Redis.from_url(redis.url) as r:
-                r.flushdb()
-            ours = Ours(sub, redis.url, archive, extra_env=extra)
-            ours.start()
-            ours.start_workers(workers)  # returns once the pool is up
-            try:
-                started = time.perf_counter()
-                storescu(ours.port, ours.ae_title, ct)
-                received = len(ct) / (time.perf_counter() - started)
-                deadline = time.monotonic() + 600
-                while archived(archive, moto_port) < len(ct):
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"end to end {backend}: not all archived")
-                    time.sleep(0.1)
-                rate = len(ct) / (time.perf_counter() - started)
-            finally:
-                ours.stop()
-            note = (f"{rate / received:.2f}x the receive rate of the same run "
-                    f"({received:.0f}/s, workers busy meanwhile)")
+        for r in range(rounds):
+            for backend, workers in configs:
+                if backend == "s3" and moto is None:
+                    continue
+                rate, received = _end_to_end_run(work / f"e2e{r}-{backend}-{workers}", redis,
+                                                 ct, backend, workers, moto_port, processes)
+                results.setdefault((backend, workers), []).append((rate, received))
+                print(f"  round {r + 1}: {backend:9} {workers} worker process(es): "
+                      f"{rate:6.1f} inst/s archived, {received:6.1f} received", flush=True)
+        for (backend, workers), runs in results.items():
+            rate = statistics.median(rate for rate, _ in runs)
+            same = sorted(rate / received for rate, received in runs)
+            note = (f"{statistics.median(same):.2f}x the receive rate of the same run, workers "
+                    f"busy meanwhile (median of {len(runs)}: {same[0]:.2f} to {same[-1]:.2f})")
             if alone:
                 note += f"; {rate / alone[0]:.2f}x the receive rate alone"
-            label = f"end to end, {backend}, {workers} worker process(es)"
-            report.add(Row(label, "dicom-ingest",
-                           rate, "inst/s", None, note))
+            report.add(Row(f"end to end, {backend}, {workers} worker process(es)",
+                           "dicom-ingest", rate, "inst/s", None, note))
     finally:
         if moto is not None:
             moto.terminate()
             moto.wait()
+
+
+def _end_to_end_run(sub: Path, redis: Any, ct: list[Path], backend: str, workers: int,
+                    moto_port: int, processes: dict[str, str]) -> tuple[float, float]:
+    """One end-to-end run: (instances archived per second, received per second)."""
+    sub.mkdir()
+    archive = str(sub / "archive")
+    extra = dict(processes)
+    if backend == "s3":
+        bucket = f"bench-{sub.name}"
+        from minio import Minio
+
+        Minio(f"127.0.0.1:{moto_port}", access_key="bench", secret_key="bench",
+              secure=False, region="us-east-1").make_bucket(bucket)
+        archive = f"s3://{bucket}"
+        extra["INGEST_S3_ENDPOINT"] = f"http://127.0.0.1:{moto_port}"
+    # earlier runs left their tasks in the queue: not for these workers
+    import redis as redis_client
+
+    with redis_client.Redis.from_url(redis.url) as r:
+        r.flushdb()
+    ours = Ours(sub, redis.url, archive, extra_env=extra)
+    ours.start()
+    ours.start_workers(workers)  # returns once the pool is up
+    try:
+        started = time.perf_counter()
+        storescu(ours.port, ours.ae_title, ct)
+        received = len(ct) / (time.perf_counter() - started)
+        deadline = time.monotonic() + 600
+        while archived(archive, moto_port) < len(ct):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"end to end {backend}: not all archived")
+            time.sleep(0.1)
+        return len(ct) / (time.perf_counter() - started), received
+    finally:
+        ours.stop()
 
 
 def peak_memory(report: Report, work: Path, redis: Any, large_mb: int,

@@ -26,6 +26,8 @@ def chart(rows: list[Any], path: Path) -> bool:
     except ImportError:
         return False
     tests = [t for t in dict.fromkeys(r.test for r in rows) if "instances/s" in t]
+    if not tests:
+        return False  # a run without the receive part: nothing to draw
     servers = list(dict.fromkeys(r.server for r in rows if r.test in tests))
     fig, ax = plt.subplots(figsize=(10, 5))
     width = 0.8 / max(1, len(servers))
