@@ -112,8 +112,8 @@ def durable_floor(folder: Path, size: int, count: int, threads: int) -> tuple[fl
     return count / (time.perf_counter() - started), sum(syncing) / count
 
 
-def latencies(server: Server, files: list[Path]) -> tuple[float, float]:
-    """p50 and p99 in ms of a C-STORE round trip, one instance at a time (pynetdicom)."""
+def latencies(server: Server, files: list[Path]) -> list[float]:
+    """Each C-STORE round trip in ms, one instance at a time (pynetdicom)."""
     from pynetdicom import AE, _config
 
     _config.STORE_SEND_CHUNKED_DATASET = True
@@ -128,12 +128,11 @@ def latencies(server: Server, files: list[Path]) -> tuple[float, float]:
         times.append((time.perf_counter() - started) * 1000)
         assert int(status.Status) == 0
     assoc.release()
-    times.sort()
-    return statistics.median(times), times[min(len(times) - 1, int(len(times) * 0.99))]
+    return times
 
 
-def association_setup(server: Server, rounds: int = 30) -> float:
-    """Median ms to associate (proposing every storage SOP class, as a modality's storescu
+def association_setup(server: Server, rounds: int = 30) -> list[float]:
+    """Each time in ms to associate (proposing every storage SOP class, as a modality's storescu
     does), C-ECHO and release: what a sender that opens an association per study pays."""
     from pynetdicom import AE, AllStoragePresentationContexts
 
@@ -150,7 +149,7 @@ def association_setup(server: Server, rounds: int = 30) -> float:
         assert int(assoc.send_c_echo().Status) == 0
         assoc.release()
         times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times)
+    return times
 
 
 def archived(archive_url: str, moto_port: int) -> int:
@@ -246,6 +245,8 @@ def receive(report: Report, work: Path, redis: Any, ct: list[Path], small: list[
           flush=True)
     rates: dict[tuple[str, str], list[float]] = {}
     sync_ms: list[float] = []  # from the fsync on, per file, one thread
+    round_trips: dict[str, list[float]] = {}  # C-STORE round trips (ms) of all rounds
+    setups: dict[str, list[float]] = {}
     floor = "the disk alone: write, fsync, rename, fsync dir"
     for r in range(rounds):
         for label, files, assocs in tests[:2]:
@@ -264,7 +265,12 @@ def receive(report: Report, work: Path, redis: Any, ct: list[Path], small: list[
                     server.stop()
                 rates.setdefault((name, label), []).append(rate)
                 print(f"  round {r + 1}: {label:26} {name:30} {rate:8.1f} inst/s", flush=True)
-    print("latency and association set-up", flush=True)
+            server = run_server(name, cls, f"lat{r}-{n}")
+            try:
+                round_trips.setdefault(name, []).extend(latencies(server, ct[:200]))
+                setups.setdefault(name, []).extend(association_setup(server))
+            finally:
+                server.stop()
     for label, _files, assocs in tests[:2]:
         runs = sorted(rates[(floor, label)])
         dcmtk = statistics.median(rates[("DCMTK storescp", label)])
@@ -281,7 +287,7 @@ def receive(report: Report, work: Path, redis: Any, ct: list[Path], small: list[
         report.add(Row(f"{label} (instances/s)", floor, statistics.median(runs), "files/s",
                        statistics.median(runs) / dcmtk,
                        f"{note}; median of {len(runs)} rounds ({runs[0]:.0f} to {runs[-1]:.0f})"))
-    for n, (name, cls) in enumerate(servers):
+    for name, cls in servers:
         for label, files, _ in tests:
             key = f"{label} (instances/s)"
             runs = sorted(rates[(name, label)])
@@ -294,19 +300,19 @@ def receive(report: Report, work: Path, redis: Any, ct: list[Path], small: list[
             report.add(Row(key, name, rate, "inst/s", ratio, spread))
             mb = rate * files[0].stat().st_size / 1e6
             report.add(Row(f"{label} (MB/s)", name, mb, "MB/s", ratio))
-        server = run_server(name, cls, f"lat{n}")
-        try:
-            p50, p99 = latencies(server, ct[:200])
-            setup = association_setup(server)
-        finally:
-            server.stop()
-        for key, v in (("C-STORE round trip p50 (ms, pynetdicom sender)", p50),
-                       ("C-STORE round trip p99 (ms, pynetdicom sender)", p99),
-                       ("association with 128 contexts, C-ECHO, release (ms)", setup)):
+        times = sorted(round_trips[name])
+        p50, p99 = statistics.median(times), times[min(len(times) - 1, int(len(times) * 0.99))]
+        setup = statistics.median(setups[name])
+        trips = f"of {len(times)} C-STOREs over {rounds} rounds"
+        for key, v, note in (
+                ("C-STORE round trip p50 (ms, pynetdicom sender)", p50, trips),
+                ("C-STORE round trip p99 (ms, pynetdicom sender)", p99, trips),
+                ("association with 128 contexts, C-ECHO, release (ms)", setup,
+                 f"median of {len(setups[name])}")):
             if cls is Storescp:
                 base[key] = v
             report.add(Row(key, name, v, "ms", v / base[key] if cls is not Storescp
-                           else None))
+                           else None, note))
 
 
 def end_to_end(report: Report, work: Path, redis: Any, ct: list[Path], n_workers: int,
