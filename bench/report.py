@@ -39,7 +39,7 @@ def chart(rows: list[Any], path: Path) -> bool:
     ax.set_xticklabels([t.replace(" (instances/s)", "") for t in tests])
     ax.set_ylabel("instances per second")
     ax.set_title("C-STORE receive throughput (storescu senders, loopback)")
-    ax.legend()
+    ax.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
