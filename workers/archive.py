@@ -13,9 +13,10 @@ import io
 import os
 import secrets
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 from urllib.parse import urlparse
 
 from ingest.settings import Settings
@@ -41,6 +42,7 @@ def _umask() -> int:
 #: the mode a new archive file gets (what ``open(..., "wb")`` gives under this umask)
 _FILE_MODE = 0o666 & ~_umask()
 _CHUNK = 1 << 20
+_T = TypeVar("_T")
 PART_SIZE = 16 * 2**20
 
 
@@ -135,59 +137,31 @@ class LocalArchive:
     def put_file(
         self, key: str, path: Path, size: int, sha256: str, metadata: dict[str, str]
     ) -> StoredObject:
+        """Archive the file at ``path``. A spooled file on the archive's filesystem gets a
+        second name, ``key``, instead of a copy: the same bytes by construction, already
+        durable (the receiver fsynced them), with no data to read, hash, write or fsync
+        again. The caller has checked it against ``sha256`` and holds its spool entry, so
+        nothing writes to it; the spool's name for it goes once it is archived. Elsewhere (another
+        filesystem, or one without hard links) it is copied, and hashed on the way."""
         target = self._path(key)
         metadata = metadata | {"sha256": sha256}
         try:
-            linked = self._link(target, path, metadata)
-            if linked is not None:
-                return StoredObject(key, linked, sha256)
+            try:
+                self._place(target, metadata, lambda tmp: _hard_link(path, tmp))
+                return StoredObject(key, target.stat().st_size, sha256)
+            except _NoLink:
+                pass
             with open(path, "rb") as src:
-                written_sha = self._write(target, src, metadata)
+                written_sha = self._place(target, metadata, lambda tmp: _copy(src, tmp))
             stored_size = target.stat().st_size
         except OSError as exc:
             raise TransientError(f"cannot write {target}: {exc}") from exc
         # what landed on disk is what we hashed while writing it
         return StoredObject(key, stored_size, written_sha)
 
-    def _link(self, target: Path, path: Path, metadata: dict[str, str]) -> int | None:
-        """Give the spooled file ``path`` a second name, ``target``, instead of copying it:
-        the same bytes by construction, already durable (the receiver fsynced them), with
-        no data to read, hash, write or fsync again. Returns the size, or None where the
-        archive is on another filesystem (or one without hard links): then it is copied.
-
-        The caller has checked the file against its sha256 (and holds its spool entry, so
-        nothing writes to it); the spool's name for it is removed once it is archived.
-        """
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
-        try:
-            os.link(path, tmp)
-        except OSError as exc:
-            if exc.errno in _NO_LINK:
-                return None
-            raise
-        try:
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fchmod(fd, _FILE_MODE)  # as a copy would be, not as the spool keeps it
-                for name, value in metadata.items():
-                    with contextlib.suppress(OSError):  # no xattrs: head() hashes instead
-                        os.setxattr(fd, self.XATTR + name, _safe_header(value).encode())
-                size = os.fstat(fd).st_size
-                os.fsync(fd)  # its attributes and its new link count
-            finally:
-                os.close(fd)
-            os.rename(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        fsync_dir(target.parent)
-        return size
-
     def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
         try:
-            self._write(self._path(key), io.BytesIO(data), {})
+            self._place(self._path(key), {}, lambda tmp: _copy(io.BytesIO(data), tmp))
         except OSError as exc:
             raise TransientError(f"cannot write {key}: {exc}") from exc
 
@@ -219,29 +193,54 @@ class LocalArchive:
         with contextlib.suppress(FileNotFoundError):
             self._path(key).unlink()
 
-    def _write(
-        self, target: Path, src: io.BufferedIOBase | io.BytesIO, metadata: dict[str, str]
-    ) -> str:
+    def _place(self, target: Path, metadata: dict[str, str],
+               make: Callable[[Path], _T]) -> _T:
+        """Make the file under a temporary name beside ``target`` (``make(tmp)``), give it
+        the mode of a new file and ``metadata`` as extended attributes, fsync it, rename it
+        to ``target`` and fsync the directory. Returns what ``make`` returned."""
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
-        digest = hashlib.sha256()
         try:
-            with open(tmp, "wb") as out:
-                while chunk := src.read(_CHUNK):
-                    digest.update(chunk)
-                    out.write(chunk)
-                out.flush()
+            made = make(tmp)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fchmod(fd, _FILE_MODE)  # a linked spool file: as a copy would be
                 for name, value in metadata.items():
-                    with contextlib.suppress(OSError):  # no xattrs here: sha256 is recomputed
-                        os.setxattr(out.fileno(), self.XATTR + name, _safe_header(value).encode())
-                os.fsync(out.fileno())
+                    with contextlib.suppress(OSError):  # no xattrs: head() hashes instead
+                        os.setxattr(fd, self.XATTR + name, _safe_header(value).encode())
+                os.fsync(fd)  # data, attributes, link count
+            finally:
+                os.close(fd)
             os.rename(tmp, target)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
         fsync_dir(target.parent)
-        return digest.hexdigest()
+        return made
+
+
+class _NoLink(Exception):
+    """os.link cannot give this file a name there; copy it instead."""
+
+
+def _hard_link(path: Path, tmp: Path) -> None:
+    try:
+        os.link(path, tmp)
+    except OSError as exc:
+        if exc.errno in _NO_LINK:
+            raise _NoLink from exc
+        raise
+
+
+def _copy(src: io.BufferedIOBase | io.BytesIO, tmp: Path) -> str:
+    """Copy ``src`` to a new file ``tmp``; the sha256 of what was written."""
+    digest = hashlib.sha256()
+    with open(tmp, "xb") as out:
+        while chunk := src.read(_CHUNK):
+            digest.update(chunk)
+            out.write(chunk)
+    return digest.hexdigest()
 
 
 class S3Archive:
