@@ -5,7 +5,9 @@ task at a time per process nearly every event (received, started, succeeded: thr
 goes out in a Redis PUBLISH of its own, which cost the worker's main process about 1 ms of
 CPU per task here. This consumer flushes at most every :data:`EVENTS_INTERVAL` seconds, one
 PUBLISH for all the events of that time (Celery's ``task.multi``, which Flower reads like
-single events). Celery flushes on its own when the buffer holds 24 events, and at shutdown.
+single events). Celery flushes on its own when the buffer holds 24 events; this consumer
+flushes once more as the worker stops, before Celery closes the dispatcher (which would drop
+what is buffered).
 """
 
 from __future__ import annotations
@@ -29,3 +31,11 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
     def _flush_batched_events(self, *args: Any) -> None:
         self._events_due = False
         self._flush_events()
+
+    def stop(self) -> None:
+        self._flush_events()  # the last batch
+        super().stop()
+
+    def shutdown(self) -> None:
+        self._flush_events()
+        super().shutdown()

@@ -298,3 +298,57 @@ def test_directory_archive_takes_the_spooled_file_as_it_is(tmp_path: Path,
     finally:
         if len(spools) > 1:
             shutil.rmtree(spools[1][1].parent, ignore_errors=True)
+
+
+def test_a_stopping_worker_sends_the_task_events_it_holds(
+        tmp_path: Path, settings: Settings, redis_url: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker holds task events back to send them in batches; when it stops it sends
+    what it holds, so that a dashboard sees how its last tasks ended."""
+    import threading
+
+    from celery.contrib.testing.worker import start_worker as celery_start_worker
+
+    from ingest.broker import make_celery
+    from tests.support import spool_entry
+    from workers import consumer
+    from workers.app import create_app
+
+    monkeypatch.setattr(consumer, "EVENTS_INTERVAL", 600.0)  # no batch goes out on time
+    live = settings.replace(redis_url=redis_url)
+    app = create_app(live)
+    spool = Spool(live.spool_dir)
+    spool.ensure()
+    receipts = []
+    for n in range(3):
+        make_instance(tmp_path / f"{n}.dcm")
+        receipts.append(spool_entry(spool, (tmp_path / f"{n}.dcm").read_bytes()))
+    seen: list[dict[str, Any]] = []
+    ready = threading.Event()
+    listening = make_celery(live, "events-test")
+    with listening.connection_for_read() as connection:
+        receiver = listening.events.Receiver(connection, handlers={"*": seen.append})
+        receiver.on_consume_ready = lambda *args, **kwargs: ready.set()
+        listener = threading.Thread(target=receiver.capture, daemon=True,
+                                    kwargs={"limit": None, "timeout": None})
+        listener.start()
+        try:
+            assert ready.wait(30), "the event receiver did not start"
+
+            def ours(kind: str) -> list[dict[str, Any]]:
+                received = {e["uuid"] for e in list(seen) if e["type"] == "task-received"
+                            and any(r.receipt_id in str(e.get("args")) for r in receipts)}
+                return [e for e in list(seen) if e["type"] == kind and e["uuid"] in received]
+
+            with celery_start_worker(app, pool="solo", concurrency=1, perform_ping_check=False,
+                                     shutdown_timeout=30, loglevel="WARNING"):
+                for receipt in receipts:
+                    publish(app, receipt.receipt_id)
+                wait_for(lambda: spool.depth() == 0, 30, what="an empty spool")
+                assert ours("task-received") == []  # held back, in a batch not yet due
+            wait_for(lambda: len(ours("task-succeeded")) == 3, 30, 0.2,
+                     what="the held events, sent as the worker stopped")
+        finally:
+            receiver.should_stop = True
+            listener.join(10)
+    listening.close()
