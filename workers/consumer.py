@@ -12,6 +12,7 @@ what is buffered).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from celery.worker.consumer import Consumer as CeleryConsumer
@@ -21,15 +22,20 @@ EVENTS_INTERVAL = 0.25
 
 
 class Consumer(CeleryConsumer):  # type: ignore[misc]
-    _events_due = False
+    _events_due_at = 0.0  # when the scheduled flush should run (monotonic); 0: none
 
     def on_send_event_buffered(self) -> None:
-        if self.hub is not None and not self._events_due:
-            self._events_due = True
-            self.hub.call_later(EVENTS_INTERVAL, self._flush_batched_events)
+        if self.hub is None:
+            return
+        now = time.monotonic()
+        if self._events_due_at and now < self._events_due_at + EVENTS_INTERVAL:
+            return  # a flush is on its way
+        # none, or one long overdue (its timer went with a reconnection): schedule one
+        self._events_due_at = now + EVENTS_INTERVAL
+        self.hub.call_later(EVENTS_INTERVAL, self._flush_batched_events)
 
     def _flush_batched_events(self, *args: Any) -> None:
-        self._events_due = False
+        self._events_due_at = 0.0
         self._flush_events()
 
     def stop(self) -> None:
