@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -312,3 +313,31 @@ def spool_entry(spool: Any, part10: bytes, calling: str = "TEST") -> Any:
         dataset_offset=len(meta_bytes), sha256=sha256(part10))
     spool.commit(tmp, receipt)
     return receipt
+
+
+@contextlib.contextmanager
+def task_event_listener(settings: Any) -> Iterator[list[dict[str, Any]]]:
+    """Listen to Celery's events on the settings' broker, as Flower does; yields the list the
+    events arrive in, once the listener is subscribed."""
+    import threading
+
+    from ingest.broker import make_celery
+
+    app = make_celery(settings, "events-test")
+    seen: list[dict[str, Any]] = []
+    ready = threading.Event()
+    try:
+        with app.connection_for_read() as connection:
+            receiver = app.events.Receiver(connection, handlers={"*": seen.append})
+            receiver.on_consume_ready = lambda *args, **kwargs: ready.set()
+            listener = threading.Thread(target=receiver.capture, daemon=True,
+                                        kwargs={"limit": None, "timeout": None})
+            listener.start()
+            try:
+                assert ready.wait(30), "the event receiver did not start"
+                yield seen
+            finally:
+                receiver.should_stop = True
+                listener.join(10)
+    finally:
+        app.close()

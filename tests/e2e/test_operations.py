@@ -28,6 +28,7 @@ from tests.support import (
     pynetdicom_send,
     raw_part10,
     run,
+    task_event_listener,
     wait_for,
 )
 
@@ -261,17 +262,11 @@ def test_task_events_reach_a_listener_in_batches(tmp_path: Path, redis_url: str)
     """Every task's events (received, started, succeeded, with the task's name) reach an
     events listener such as Flower, in fewer Redis PUBLISHes than there are events: Celery
     alone sent one per event, about 1 ms of the worker's CPU per task."""
-    import threading
-
     import redis
 
-    from ingest.broker import make_celery
-
-    with start_pipeline(tmp_path, redis_url) as pipeline:
-        app = make_celery(pipeline.settings, "events-test")
+    with start_pipeline(tmp_path, redis_url) as pipeline, \
+            task_event_listener(pipeline.settings) as seen:
         me = f"dicom-ingest-{pipeline.processes['worker'].pid}@"
-        seen: list[dict[str, Any]] = []
-        ready = threading.Event()
 
         def task_events() -> list[dict[str, Any]]:
             return [e for e in list(seen) if e["type"].startswith("task-")
@@ -282,27 +277,15 @@ def test_task_events_reach_a_listener_in_batches(tmp_path: Path, redis_url: str)
                 stats = r.info("commandstats").get("cmdstat_publish", {})
                 return int(stats.get("calls", 0))
 
-        with app.connection_for_read() as connection:
-            receiver = app.events.Receiver(connection, handlers={"*": seen.append})
-            receiver.on_consume_ready = lambda *args, **kwargs: ready.set()
-            listener = threading.Thread(target=receiver.capture, daemon=True,
-                                        kwargs={"limit": None, "timeout": None})
-            listener.start()
-            try:
-                assert ready.wait(30), "the event receiver did not start"
-                before = publishes()
-                files = instances(tmp_path / "in", 8)
-                assert pynetdicom_send(pipeline.port, files) == [statuses.SUCCESS] * 8
-                wait_for(lambda: sum(e["type"] == "task-succeeded" for e in task_events())
-                         == 8, 30, 0.2, what="task-succeeded events for all eight")
-                sent = publishes() - before
-                events = task_events()
-                assert {e["name"] for e in events if e["type"] == "task-received"} \
-                    == {"dicom_ingest.archive"}
-                assert sum(e["type"] == "task-received" for e in events) == 8
-                assert sum(e["type"] == "task-started" for e in events) == 8
-                assert sent <= len(events) // 2, (sent, len(events))
-            finally:
-                receiver.should_stop = True
-                listener.join(10)
-        app.close()
+        before = publishes()
+        files = instances(tmp_path / "in", 8)
+        assert pynetdicom_send(pipeline.port, files) == [statuses.SUCCESS] * 8
+        wait_for(lambda: sum(e["type"] == "task-succeeded" for e in task_events()) == 8,
+                 30, 0.2, what="task-succeeded events for all eight")
+        sent = publishes() - before
+        events = task_events()
+        assert {e["name"] for e in events if e["type"] == "task-received"} \
+            == {"dicom_ingest.archive"}
+        assert sum(e["type"] == "task-received" for e in events) == 8
+        assert sum(e["type"] == "task-started" for e in events) == 8
+        assert sent <= len(events) // 2, (sent, len(events))

@@ -305,12 +305,9 @@ def test_a_stopping_worker_sends_the_task_events_it_holds(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The worker holds task events back to send them in batches; when it stops it sends
     what it holds, so that a dashboard sees how its last tasks ended."""
-    import threading
-
     from celery.contrib.testing.worker import start_worker as celery_start_worker
 
-    from ingest.broker import make_celery
-    from tests.support import spool_entry
+    from tests.support import spool_entry, task_event_listener
     from workers import consumer
     from workers.app import create_app
 
@@ -323,32 +320,18 @@ def test_a_stopping_worker_sends_the_task_events_it_holds(
     for n in range(3):
         make_instance(tmp_path / f"{n}.dcm")
         receipts.append(spool_entry(spool, (tmp_path / f"{n}.dcm").read_bytes()))
-    seen: list[dict[str, Any]] = []
-    ready = threading.Event()
-    listening = make_celery(live, "events-test")
-    with listening.connection_for_read() as connection:
-        receiver = listening.events.Receiver(connection, handlers={"*": seen.append})
-        receiver.on_consume_ready = lambda *args, **kwargs: ready.set()
-        listener = threading.Thread(target=receiver.capture, daemon=True,
-                                    kwargs={"limit": None, "timeout": None})
-        listener.start()
-        try:
-            assert ready.wait(30), "the event receiver did not start"
+    with task_event_listener(live) as seen:
 
-            def ours(kind: str) -> list[dict[str, Any]]:
-                received = {e["uuid"] for e in list(seen) if e["type"] == "task-received"
-                            and any(r.receipt_id in str(e.get("args")) for r in receipts)}
-                return [e for e in list(seen) if e["type"] == kind and e["uuid"] in received]
+        def ours(kind: str) -> list[dict[str, Any]]:
+            received = {e["uuid"] for e in list(seen) if e["type"] == "task-received"
+                        and any(r.receipt_id in str(e.get("args")) for r in receipts)}
+            return [e for e in list(seen) if e["type"] == kind and e["uuid"] in received]
 
-            with celery_start_worker(app, pool="solo", concurrency=1, perform_ping_check=False,
-                                     shutdown_timeout=30, loglevel="WARNING"):
-                for receipt in receipts:
-                    publish(app, receipt.receipt_id)
-                wait_for(lambda: spool.depth() == 0, 30, what="an empty spool")
-                assert ours("task-received") == []  # held back, in a batch not yet due
-            wait_for(lambda: len(ours("task-succeeded")) == 3, 30, 0.2,
-                     what="the held events, sent as the worker stopped")
-        finally:
-            receiver.should_stop = True
-            listener.join(10)
-    listening.close()
+        with celery_start_worker(app, pool="solo", concurrency=1, perform_ping_check=False,
+                                 shutdown_timeout=30, loglevel="WARNING"):
+            for receipt in receipts:
+                publish(app, receipt.receipt_id)
+            wait_for(lambda: spool.depth() == 0, 30, what="an empty spool")
+            assert ours("task-received") == []  # held back, in a batch not yet due
+        wait_for(lambda: len(ours("task-succeeded")) == 3, 30, 0.2,
+                 what="the held events, sent as the worker stopped")
