@@ -29,6 +29,7 @@ import os
 import struct
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,31 @@ def file_meta(sop_class: bytes, sop_instance: bytes, transfer_syntax: bytes,
     return b"\0" * 128 + b"DICM" + element(0x0000, b"UL", struct.pack("<I", len(body))) + body
 
 
+@dataclass(frozen=True)
+class _Parties:
+    """Who is on either end of an established association: the same for each of its
+    C-STOREs, so worked out once."""
+
+    calling: str
+    called: str
+    peer: str
+    implementation_uid: bytes
+    implementation_version: bytes
+    calling_ae: bytes  # as the File Meta carries them
+    called_ae: bytes
+
+    @classmethod
+    def of(cls, assoc: Any) -> _Parties:
+        requestor, acceptor = assoc.requestor, assoc.acceptor
+        calling = str(requestor.ae_title).strip()
+        called = str(acceptor.ae_title).strip()
+        return cls(calling, called, f"{requestor.address}:{requestor.port}",
+                   str(acceptor.implementation_class_uid).encode(),
+                   str(acceptor.implementation_version_name or "").encode()[:16],
+                   calling.encode("latin-1", "replace")[:16],
+                   called.encode("latin-1", "replace")[:16])
+
+
 class _Store:
     """One C-STORE on the fast path, from its command set to its response."""
 
@@ -190,6 +216,7 @@ class FastPath:
         self._held: list[bytes] = []  # its PDV items, until we know whose message it is
         self._to_pynetdicom_until_done = False  # pynetdicom owns the current message
         self._store: _Store | None = None
+        self._parties: _Parties | None = None  # the association's, once it is established
 
     def install(self) -> None:
         self.dul._read_pdu_data = self.read_pdu  # type: ignore[method-assign]
@@ -403,20 +430,20 @@ class FastPath:
         if context is None or str(context.abstract_syntax) != sop_class.decode("latin-1"):
             return None  # pynetdicom answers with the status the standard gives
         transfer_syntax = str(context.transfer_syntax[0])
-        requestor, acceptor = assoc.requestor, assoc.acceptor
+        parties = self._parties
+        if parties is None:
+            parties = self._parties = _Parties.of(assoc)
         arrival = Arrival(
-            calling=str(requestor.ae_title).strip(),
-            called=str(acceptor.ae_title).strip(),
-            peer=f"{requestor.address}:{requestor.port}",
+            calling=parties.calling,
+            called=parties.called,
+            peer=parties.peer,
             sop_class_uid=sop_class.decode("latin-1"),
             sop_instance_uid=sop_instance.decode("latin-1"),
             transfer_syntax=transfer_syntax,
         )
         meta = file_meta(sop_class, sop_instance, transfer_syntax.encode(),
-                         str(acceptor.implementation_class_uid).encode(),
-                         str(acceptor.implementation_version_name or "").encode()[:16],
-                         arrival.calling.encode("latin-1", "replace")[:16],
-                         arrival.called.encode("latin-1", "replace")[:16])
+                         parties.implementation_uid, parties.implementation_version,
+                         parties.calling_ae, parties.called_ae)
         try:
             refusal = self.ctx.gate.refusal()
         except Exception:  # store() asks again, and answers for it
