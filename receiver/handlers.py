@@ -49,6 +49,7 @@ class StoreContext:
     enqueuer: Enqueuer
     gate: Gate
     metrics: ReceiverMetrics
+    direct_io: bool = True  # spool files written with direct I/O where the filesystem allows
 
 
 class SpoolFull(Exception):

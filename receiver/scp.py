@@ -167,7 +167,7 @@ def start(settings: Settings) -> Receiver:
     # Stream every incoming dataset to a temp file on the spool filesystem, so memory does not
     # grow with instance size and the finished file can be renamed into the spool.
     _config.STORE_RECV_CHUNKED_DATASET = True
-    streams.install(spool.tmp)
+    streams.install(spool.tmp, direct=settings.spool_direct_io)
     metrics = ReceiverMetrics()
     app = make_celery(settings, "dicom-ingest-receiver")
     publisher = Publisher(settings, on_failure=metrics.enqueue_failures.inc)
@@ -183,7 +183,8 @@ def start(settings: Settings) -> Receiver:
     monitor.start()
     metrics.spool_depth.set_function(lambda: monitor.depth)
     metrics.spool_oldest.set_function(lambda: monitor.oldest_age)
-    context = StoreContext(spool=spool, enqueuer=publisher, gate=monitor, metrics=metrics)
+    context = StoreContext(spool=spool, enqueuer=publisher, gate=monitor, metrics=metrics,
+                           direct_io=settings.spool_direct_io)
     associations = AssociationContext(settings, metrics)
     reactors.install()
     handlers: list[Any] = [

@@ -11,10 +11,13 @@ retries later. pynetdicom closes and removes the file after the handler returns.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import errno
+import fcntl
 import hashlib
+import mmap
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +29,50 @@ from ingest.spool import TempFile, create_temp
 
 WRITEBACK_STEP = 256 * 1024
 _SYNC_FILE_RANGE_WRITE = 2
+
+#: direct I/O writes whole blocks of this many bytes from memory aligned to it (4 KiB covers
+#: every common logical block size)
+DIRECT_ALIGN = 4096
+#: what a stream gathers before it writes to the disk: one direct write per this many bytes
+DIRECT_CHUNK = 256 * 1024
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+class _Buffers:
+    """Page-aligned staging buffers for direct writes, reused from stream to stream (fresh
+    anonymous memory would cost a page fault per page, each time)."""
+
+    def __init__(self, keep: int = 16) -> None:
+        self._free: collections.deque[mmap.mmap] = collections.deque()
+        self._keep = keep
+
+    def take(self) -> mmap.mmap:
+        try:
+            return self._free.pop()  # the last one given back: the warmest
+        except IndexError:
+            return mmap.mmap(-1, DIRECT_CHUNK + DIRECT_ALIGN)
+
+    def give(self, buffer: mmap.mmap) -> None:
+        if len(self._free) < self._keep:
+            self._free.append(buffer)
+        else:
+            buffer.close()
+
+
+_buffers = _Buffers()
+
+
+def enable_direct(fd: int) -> bool:
+    """Turn on direct I/O (``O_DIRECT``) for an open file; False where the filesystem or
+    the platform refuses it (the file then stays buffered)."""
+    if not _O_DIRECT:
+        return False
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | _O_DIRECT)
+    except OSError:
+        return False
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & _O_DIRECT)
 
 
 def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
@@ -54,37 +101,64 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
 
 class SpoolTempFile:
     """The part of a ``NamedTemporaryFile`` that pynetdicom uses, tolerant of write errors.
-    It hashes what passes through, so the handler need not read the file back."""
+    It hashes what passes through, so the handler need not read the file back.
+
+    Where the filesystem allows it the file is written with direct I/O: the bytes are
+    gathered in a reused, page-aligned buffer and go from there to the disk in whole blocks
+    as they arrive, not through the page cache. The receiver never reads them again (a worker
+    does, maybe on another machine), so caching them only costs: a copy into newly allocated
+    page-cache pages for every instance, and an fsync that must still write all of them
+    before the answer. With direct I/O the fsync before the answer writes the last block and
+    the inode. Elsewhere (tmpfs, some network filesystems) the file is written as before,
+    through the page cache, and the kernel is asked to start writing it back as it grows.
+    """
 
     HEAD = 256  # enough of the start to find where the File Meta ends
 
-    def __init__(self, directory: Path, temp: TempFile | None = None) -> None:
+    def __init__(self, directory: Path, temp: TempFile | None = None,
+                 direct: bool = True) -> None:
         if temp is None:
             temp = create_temp(directory)
         self.name = temp.path
-        self._fh: Any = os.fdopen(temp.fd, "wb")
         self.file = self  # pynetdicom calls ``.file.flush()``
         self.error: OSError | None = None
         self.digest = hashlib.sha256()
         self.size = 0
         self.head = b""
-        self._kicked = 0  # bytes handed to start_writeback so far
+        self._kicked = 0  # bytes handed to start_writeback so far (buffered mode)
+        self._fd = temp.fd
+        self._fh: Any = None  # buffered mode: the file object
+        self._staging: mmap.mmap | None = None  # direct mode: the aligned buffer
+        self._staged = 0  # bytes in it not yet written
+        self._written = 0  # bytes written to the file (direct mode: whole blocks)
+        if direct and enable_direct(temp.fd):
+            self._staging = _buffers.take()
+        else:
+            self._fh = os.fdopen(temp.fd, "wb")
+
+    @property
+    def direct(self) -> bool:
+        """Whether this file is written with direct I/O."""
+        return self._staging is not None
 
     @classmethod
     def failed(cls, error: OSError) -> SpoolTempFile:
         """One that could not even be created: it swallows what is written and raises
         ``error`` at :meth:`sync`."""
         stream = cls.__new__(cls)
-        stream.name, stream._fh = "", None
+        stream.name, stream._fh, stream._fd, stream._staging = "", None, -1, None
         stream.file = stream
         stream.error, stream.digest, stream.size, stream.head = error, hashlib.sha256(), 0, b""
-        stream._kicked = 0
+        stream._kicked = stream._staged = stream._written = 0
         return stream
 
     def write(self, data: bytes | memoryview) -> int:
         if self.error is None:
             try:
-                self._fh.write(data)
+                if self._staging is not None:
+                    self._stage(data)
+                else:
+                    self._fh.write(data)
             except OSError as exc:
                 self.error = exc
                 return len(data)
@@ -92,9 +166,41 @@ class SpoolTempFile:
             self.size += len(data)
             if len(self.head) < self.HEAD:
                 self.head += bytes(data[: self.HEAD - len(self.head)])
-            if self.size - self._kicked >= WRITEBACK_STEP:
+            if self._fh is not None and self.size - self._kicked >= WRITEBACK_STEP:
                 self._start_writeback()
         return len(data)
+
+    def _stage(self, data: bytes | memoryview) -> None:
+        """Direct mode: copy into the staging buffer, writing whole chunks as it fills."""
+        staging = self._staging
+        assert staging is not None
+        view = memoryview(data)
+        try:
+            while view:
+                room = DIRECT_CHUNK - self._staged
+                part = view[:room]
+                staging[self._staged : self._staged + len(part)] = part
+                self._staged += len(part)
+                view = view[len(part) :]
+                if self._staged == DIRECT_CHUNK:
+                    self._write_staged(DIRECT_CHUNK)
+        finally:
+            view.release()
+
+    def _write_staged(self, length: int) -> None:
+        """Write the first ``length`` bytes of the staging buffer (a multiple of the block
+        size) at the end of what is written, and keep what follows them."""
+        staging = self._staging
+        assert staging is not None
+        with memoryview(staging) as buffer:
+            done = 0
+            while done < length:
+                done += os.pwrite(self._fd, buffer[done:length], self._written + done)
+        self._written += length
+        rest = self._staged - length
+        if rest:
+            staging.move(0, length, rest)
+        self._staged = rest
 
     def _start_writeback(self) -> None:
         """Have the kernel start writing what has arrived so far, while the rest arrives:
@@ -102,36 +208,55 @@ class SpoolTempFile:
         at fsync."""
         try:
             self._fh.flush()
-            start_writeback(self._fh.fileno(), self._kicked, self.size - self._kicked)
+            start_writeback(self._fd, self._kicked, self.size - self._kicked)
         except OSError as exc:
             self.error = exc
         self._kicked = self.size
 
     def sync(self) -> None:
-        """Flush and fsync; raises the first write error, if there was one."""
+        """Write what is left, fsync; raises the first write error, if there was one."""
         self.flush()
+        if self.error is None and self._staging is not None and self._staged:
+            try:  # the last partial block: padded to a whole one, then cut to the real size
+                whole = -(-self._staged // DIRECT_ALIGN) * DIRECT_ALIGN
+                self._staging[self._staged : whole] = bytes(whole - self._staged)
+                self._staged = whole
+                self._write_staged(whole)
+                os.ftruncate(self._fd, self.size)
+            except OSError as exc:
+                self.error = exc
         if self.error is not None:
             raise self.error
-        os.fsync(self._fh.fileno())
+        os.fsync(self._fd)
 
     def flush(self) -> None:
-        if self.error is None:
+        """Buffered mode: hand what is buffered to the kernel. Direct mode keeps the last
+        partial block until :meth:`sync`: only whole blocks can be written."""
+        if self.error is None and self._fh is not None:
             try:
                 self._fh.flush()
             except OSError as exc:
                 self.error = exc
 
     def close(self) -> None:
+        if self._staging is not None:
+            _buffers.give(self._staging)
+            self._staging = None
         if self._fh is not None:
             with contextlib.suppress(OSError):
                 self._fh.close()
+            self._fh = None
+        elif self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+        self._fd = -1
 
 
-def install(directory: Path) -> None:
+def install(directory: Path, direct: bool = True) -> None:
     """Make pynetdicom stream incoming datasets into :class:`SpoolTempFile` in ``directory``
     (a module attribute, set once at the receiver's entry, like pynetdicom's ``_config``)."""
 
     def factory(*args: Any, **kwargs: Any) -> SpoolTempFile:
-        return SpoolTempFile(directory)
+        return SpoolTempFile(directory, direct=direct)
 
     setattr(pynetdicom.dimse_messages, "NamedTemporaryFile", factory)  # noqa: B010

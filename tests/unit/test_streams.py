@@ -1,0 +1,86 @@
+"""The file a received dataset streams into: every byte lands, in order, whatever the
+fragment sizes, with direct I/O and without."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from receiver.streams import DIRECT_ALIGN, DIRECT_CHUNK, SpoolTempFile, enable_direct
+from tests.support import need
+
+# lengths around the block and chunk edges, where a tail is padded and cut back
+LENGTHS = [0, 1, DIRECT_ALIGN - 1, DIRECT_ALIGN, DIRECT_ALIGN + 1, DIRECT_CHUNK - 1,
+           DIRECT_CHUNK, DIRECT_CHUNK + 1, 3 * DIRECT_CHUNK + 132, 1_234_567]
+FRAGMENTS = [1, 7, 128, DIRECT_ALIGN, 65_536, DIRECT_CHUNK, 300_000]
+
+
+def _direct_io_here(folder: Path) -> bool:
+    probe = folder / "probe"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        return enable_direct(fd)
+    finally:
+        os.close(fd)
+        probe.unlink()
+
+
+def _stream(stream: SpoolTempFile, data: bytes, rng: random.Random) -> None:
+    offset = 0
+    while offset < len(data):
+        size = rng.choice(FRAGMENTS)
+        assert stream.write(memoryview(data)[offset : offset + size]) == len(
+            data[offset : offset + size])
+        offset += size
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
+@pytest.mark.parametrize("length", LENGTHS)
+def test_every_byte_lands_in_order(tmp_path: Path, direct: bool, length: int) -> None:
+    if direct:
+        need(_direct_io_here(tmp_path), "a filesystem with O_DIRECT under the test's tmp")
+    rng = random.Random(length)
+    data = rng.randbytes(length)
+    stream = SpoolTempFile(tmp_path, direct=direct)
+    assert stream.direct is direct
+    if direct:
+        assert fcntl.fcntl(stream._fd, fcntl.F_GETFL) & os.O_DIRECT
+    _stream(stream, data, rng)
+    stream.sync()
+    stream.close()
+    assert Path(stream.name).read_bytes() == data
+    assert stream.size == length == os.stat(stream.name).st_size
+    assert stream.digest.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert stream.head == data[: SpoolTempFile.HEAD]
+
+
+def test_a_write_error_is_kept_for_sync_and_the_rest_swallowed(tmp_path: Path) -> None:
+    need(_direct_io_here(tmp_path), "a filesystem with O_DIRECT under the test's tmp")
+    stream = SpoolTempFile(tmp_path)
+    stream.write(b"x" * DIRECT_CHUNK)  # one chunk written
+    os.close(stream._fd)  # the disk goes away under it
+    stream._fd = os.open(os.devnull, os.O_RDONLY)
+    assert stream.write(b"y" * DIRECT_CHUNK) == DIRECT_CHUNK  # no exception on the way in
+    assert stream.write(b"z") == 1
+    with pytest.raises(OSError) as raised:
+        stream.sync()
+    assert raised.value.errno == errno.EBADF
+    stream.close()
+
+
+def test_streams_reuse_their_staging_buffers(tmp_path: Path) -> None:
+    need(_direct_io_here(tmp_path), "a filesystem with O_DIRECT under the test's tmp")
+    first = SpoolTempFile(tmp_path)
+    buffer = first._staging
+    first.write(b"a" * 10)
+    first.sync()
+    first.close()
+    second = SpoolTempFile(tmp_path)
+    assert second._staging is buffer
+    second.close()
