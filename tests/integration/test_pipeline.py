@@ -109,6 +109,64 @@ def test_duplicate_deliveries_make_one_object(tmp_path: Path, settings: Settings
     assert not (archive / "quarantine").exists()
 
 
+def test_the_publisher_writes_what_celery_writes_and_a_worker_takes_it(
+    tmp_path: Path, settings: Settings, redis_url: str, start_worker: Any,
+) -> None:
+    """The receiver's publisher process builds Celery's task messages itself: field for
+    field they are the ones ``send_task`` writes, and a real worker archives from them."""
+    import base64
+    import json
+
+    import redis
+
+    from ingest.broker import make_celery
+    from ingest.messages import QUEUE
+    from receiver.publisher import QueueWriter
+    from tests.support import spool_entry
+
+    settings = settings.replace(redis_url=redis_url)
+    spool = Spool(settings.spool_dir)
+    spool.ensure()
+    entries = []
+    for i in range(3):
+        make_instance(tmp_path / f"{i}.dcm")
+        entries.append(spool_entry(spool, (tmp_path / f"{i}.dcm").read_bytes()))
+    app = make_celery(settings, "test-publisher")
+    publish(app, entries[0].receipt_id)  # Celery's own
+    writer = QueueWriter(settings)
+    writer.push([entries[1].receipt_id, entries[2].receipt_id])  # ours, in one LPUSH
+    writer.close()
+    client = redis.Redis.from_url(redis_url)
+    queued = [json.loads(m) for m in reversed(client.lrange(QUEUE, 0, -1))]  # oldest first
+    client.close()
+    assert len(queued) == 3
+    celery, ours = queued[0], queued[1:]
+
+    def body(message: dict[str, Any]) -> Any:
+        return json.loads(base64.b64decode(message["body"]))
+
+    fresh = {"id", "root_id", "correlation_id", "delivery_tag", "reply_to", "origin",
+             "argsrepr"}  # per task or per process
+    for message, entry in zip(ours, entries[1:], strict=True):
+        assert message.keys() == celery.keys()
+        for part in ("headers", "properties"):
+            assert message[part].keys() == celery[part].keys()
+            assert {k: v for k, v in message[part].items() if k not in fresh} == {
+                k: v for k, v in celery[part].items() if k not in fresh}
+        assert {k: v for k, v in message.items() if k not in ("body", "headers", "properties")
+                } == {k: v for k, v in celery.items() if k not in ("body", "headers",
+                                                                  "properties")}
+        assert body(message) == [[entry.receipt_id], *body(celery)[1:]]
+        headers = message["headers"]
+        assert headers["argsrepr"] == repr([entry.receipt_id])
+        assert headers["root_id"] == headers["id"] == message["properties"]["correlation_id"]
+    assert len({m["properties"]["delivery_tag"] for m in queued}) == 3
+
+    start_worker(settings)
+    wait_for(lambda: spool.depth() == 0, 60, what="an empty spool")
+    assert len([p for p in Path(settings.archive_url).rglob("*.dcm")]) == 3
+
+
 def test_enqueue_failure_still_acks_and_the_sweeper_recovers(
     tmp_path: Path, settings: Settings, redis_url: str, start_receiver: Any,
     start_worker: Any,
