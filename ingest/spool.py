@@ -3,10 +3,14 @@
 Layout under the spool root (one filesystem, so that ``rename`` is atomic):
 
 - ``tmp/``: files being written (pynetdicom's streamed datasets, receipts before rename);
-- ``entries/{receipt_id}.dcm``: the Part 10 file as received (File Meta + the sender's bytes);
-- ``entries/{receipt_id}.json``: the receipt. Its presence is what makes an entry complete:
-  it is renamed into place after the ``.dcm`` and the directory is fsynced before the sender
-  hears ``0x0000``.
+- ``entries/{receipt_id}.dcm``: the Part 10 file as received (File Meta + the sender's bytes),
+  with its receipt (JSON) as the extended attribute ``user.dicom_ingest.receipt``. The file
+  is renamed into ``entries/`` only once it and its receipt are fsynced, and the directory is
+  fsynced before the sender hears ``0x0000``: a ``.dcm`` under ``entries/`` is a complete
+  entry.
+- ``entries/{receipt_id}.json``: the receipt as a file of its own, where the filesystem has no
+  user extended attributes (and in spools written by versions before 0.2). It is renamed in
+  before its ``.dcm`` and removed after it, so one alone is a leftover.
 """
 
 from __future__ import annotations
@@ -155,9 +159,9 @@ class TempFilePool:
 
     Creating a file costs an inode allocation, which on a filesystem where many files were
     recently deleted (a spool, whose entries the workers delete as they archive them) took
-    0.4 ms here, twice per instance (the dataset and its receipt). Taken from this pool, the
-    C-STORE path does not wait for it. Pooled files are locked, so the sweeper leaves them be;
-    the ones left when the process ends are unlocked then, and it removes them later.
+    0.4 ms here. Taken from this pool, the C-STORE path does not wait for it. Pooled files
+    are locked, so the sweeper leaves them be; the ones left when the process ends are
+    unlocked then, and it removes them later.
     """
 
     def __init__(self, tmp_dir: Path, size: int = 16) -> None:
@@ -223,9 +227,13 @@ def write_durable(path: Path, data: bytes, tmp_dir: Path, temp: TempFile | None 
         os.close(fd)
 
 
-#: the receipt's extended attribute that counts unfinished attempts at its entry
+#: the entry file's extended attribute that holds its receipt
+RECEIPT_XATTR = "user.dicom_ingest.receipt"
+#: the entry file's extended attribute that counts unfinished attempts at it
 ATTEMPTS_XATTR = "user.dicom_ingest.attempts"
 _NO_XATTRS = {errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM}
+# a receipt that does not fit in an attribute (very long UIDs) goes to a file as well
+_RECEIPT_NOT_IN_XATTR = _NO_XATTRS | {errno.E2BIG, errno.ERANGE, errno.ENOSPC}
 
 
 def _attempts(raw: bytes) -> int:
@@ -260,33 +268,63 @@ class Spool:
     def commit(self, received_file: Path, receipt: Receipt) -> None:
         """Make one received file and its receipt durable under ``entries/``.
 
-        ``received_file`` must already be fsynced and live on the spool filesystem. Both are
-        renamed into ``entries/`` and the directory is fsynced: from then on both names
-        survive a crash. The receipt's own contents are not fsynced (one journal commit
-        less per instance): everything in it but the peer address can be had again from
-        the file, which :meth:`read_receipt` does when a crash left the receipt empty.
+        ``received_file`` must live on the spool filesystem; its bytes need not be fsynced
+        yet. The receipt becomes an extended attribute of the file, one fsync makes both
+        durable, the file is renamed into ``entries/`` and the directory is fsynced: from
+        then on the entry survives a crash, and before, it is not there. One inode, one
+        rename and two fsyncs per instance. Where the receipt cannot be an attribute it is
+        written to ``{receipt_id}.json`` and renamed in first (its contents are not fsynced:
+        :meth:`read_receipt` rebuilds an empty one from the file).
         """
+        encoded = receipt.encode()
+        in_xattr = self._seal(received_file, encoded)
         dcm = self.dcm_path(receipt.receipt_id)
-        os.rename(received_file, dcm)
+        receipt_file = self.receipt_path(receipt.receipt_id)
         try:
-            temp = self.temp_files.take() if self.temp_files is not None else None
-            write_durable(self.receipt_path(receipt.receipt_id), receipt.encode(), self.tmp,
-                          temp, sync=False)
+            if not in_xattr:
+                temp = self.temp_files.take() if self.temp_files is not None else None
+                write_durable(receipt_file, encoded, self.tmp, temp, sync=False)
+            os.rename(received_file, dcm)
             fsync_dir(self.entries)
         except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(dcm)
+            for path in (dcm, receipt_file):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
             raise
+
+    @staticmethod
+    def _seal(path: Path, encoded: bytes) -> bool:
+        """Put the receipt on the file as an attribute and fsync it; False when the
+        attribute could not be set (the file is fsynced all the same)."""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            try:
+                os.setxattr(fd, RECEIPT_XATTR, encoded)
+                in_xattr = True
+            except OSError as exc:
+                if exc.errno not in _RECEIPT_NOT_IN_XATTR:
+                    raise
+                in_xattr = False
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return in_xattr
 
     def read_receipt(self, receipt_id: str) -> Receipt | None:
         """The receipt, or None when the entry is gone (already archived or quarantined).
 
-        A receipt that cannot be read (empty after a power loss: its contents are not
-        fsynced, see :meth:`commit`) is rebuilt from the entry's file and written back."""
+        A receipt that cannot be read (a ``.json`` left empty by a power loss, see
+        :meth:`commit`, or none at all) is rebuilt from the entry's file and written back."""
+        dcm = self.dcm_path(receipt_id)
         try:
-            data = self.receipt_path(receipt_id).read_bytes()
+            data = os.getxattr(dcm, RECEIPT_XATTR)
         except FileNotFoundError:
             return None
+        except OSError:  # not there (a receipt file), or no attributes on this filesystem
+            try:
+                data = self.receipt_path(receipt_id).read_bytes()
+            except FileNotFoundError:
+                data = b""
         try:
             return Receipt.decode(data)
         except SpoolError as exc:
@@ -296,7 +334,8 @@ class Spool:
                 return None  # archived meanwhile
             except Exception as rebuild_error:
                 raise exc from rebuild_error
-        write_durable(self.receipt_path(receipt_id), receipt.encode(), self.tmp)
+        if not self._seal(dcm, receipt.encode()):
+            write_durable(self.receipt_path(receipt_id), receipt.encode(), self.tmp)
         return receipt
 
     def rebuild_receipt(self, receipt_id: str) -> Receipt:
@@ -338,11 +377,12 @@ class Spool:
         """Count one more attempt at an entry and return how many did not end (a worker that
         crashed or hung mid-task never calls :meth:`end_attempt`): a poison detector.
 
-        The count is an extended attribute of the receipt, so it goes when the entry goes and
-        costs no file of its own (creating and deleting one per task is slow on a directory
-        with much churn). Where the filesystem has no user xattrs it is a ``.attempts`` file.
+        The count is an extended attribute of the entry's file, so it goes when the entry
+        goes and costs no file of its own (creating and deleting one per task is slow on a
+        directory with much churn). Where the filesystem has no user xattrs it is a
+        ``.attempts`` file.
         """
-        receipt = self.receipt_path(receipt_id)
+        receipt = self.dcm_path(receipt_id)
         try:
             count = _attempts(os.getxattr(receipt, ATTEMPTS_XATTR)) + 1
         except OSError as exc:
@@ -369,7 +409,7 @@ class Spool:
 
     def end_attempt(self, receipt_id: str) -> None:
         try:
-            os.removexattr(self.receipt_path(receipt_id), ATTEMPTS_XATTR)
+            os.removexattr(self.dcm_path(receipt_id), ATTEMPTS_XATTR)
         except OSError as exc:
             if exc.errno not in _NO_XATTRS:
                 return
@@ -377,9 +417,16 @@ class Spool:
                 os.unlink(self.attempts_path(receipt_id))
 
     def remove(self, receipt_id: str) -> None:
-        """Remove an entry: the receipt first (it marks the entry complete), then the file."""
-        for path in (self.receipt_path(receipt_id), self.dcm_path(receipt_id),
-                     self.attempts_path(receipt_id)):  # the last only without xattrs
+        """Remove an entry: its file first (it marks the entry complete), then a receipt file
+        and an attempts file, where the filesystem needed them.
+
+        The file may live on as an archived object (a directory archive's hard link): the
+        attempts counter is taken off it first; the receipt stays on it, a record of who sent
+        it, when and from where."""
+        with contextlib.suppress(OSError):
+            os.removexattr(self.dcm_path(receipt_id), ATTEMPTS_XATTR)
+        for path in (self.dcm_path(receipt_id), self.receipt_path(receipt_id),
+                     self.attempts_path(receipt_id)):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         # no directory fsync: an entry that comes back after a crash is archived already,
@@ -389,8 +436,8 @@ class Spool:
         """Ids of the complete entries, oldest first."""
         ids = []
         for name in os.listdir(self.entries):
-            if name.endswith(".json") and not name.startswith("."):
-                ids.append(name[: -len(".json")])
+            if name.endswith(".dcm") and not name.startswith("."):
+                ids.append(name[: -len(".dcm")])
         return sorted(ids)
 
     def depth(self) -> int:
@@ -412,7 +459,7 @@ class Spool:
         or the entry no longer exists. The lock dies with the process that holds it.
         """
         try:
-            fd = os.open(self.receipt_path(receipt_id), os.O_RDONLY)
+            fd = os.open(self.dcm_path(receipt_id), os.O_RDONLY)
         except FileNotFoundError:
             yield False
             return

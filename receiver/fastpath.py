@@ -192,7 +192,7 @@ class _Store:
         self.meta_length = meta_length
 
     def received(self) -> tuple[Path, int, str, int]:
-        self.stream.sync()  # raises the first write error, if the disk failed meanwhile
+        self.stream.finish()  # raises the first write error, if the disk failed meanwhile
         return (Path(self.stream.name), self.stream.size, self.stream.digest.hexdigest(),
                 self.meta_length)
 

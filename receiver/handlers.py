@@ -92,6 +92,10 @@ def handle_store(event: Any, ctx: StoreContext) -> int:
     stream = getattr(event.request, "_dataset_file", None)
     status, receipt = store(ctx, arrival, lambda: _received(event, stream))
     if receipt is not None:
+        if isinstance(stream, SpoolTempFile):
+            # the entry is this file now: let go of the lock its temp name took before a
+            # worker tries to claim it (pynetdicom closes it again after we return)
+            stream.close()
         hand_off(ctx, receipt)
     account(ctx, arrival, status, started)
     return status
@@ -101,7 +105,8 @@ def store(ctx: StoreContext, arrival: Arrival,
           received: Callable[[], tuple[Path, int, str, int]]) -> tuple[int, Receipt | None]:
     """Make one arrived instance durable in the spool: the status to answer and the receipt.
 
-    ``received`` fsyncs the received file and returns (path, size, sha256, dataset offset).
+    ``received`` finishes writing the received file and returns (path, size, sha256, dataset
+    offset); the spool's commit fsyncs it with its receipt.
     No exception leaves this function.
     """
     try:
@@ -165,7 +170,7 @@ def _received(event: Any, stream: Any) -> tuple[Path, int, str, int]:
     # (STORE_RECV_CHUNKED_DATASET, temp dir on the spool filesystem).
     path: Path = event.dataset_path
     if isinstance(stream, SpoolTempFile):
-        stream.sync()  # raises if the spool's disk failed while the dataset arrived
+        stream.finish()  # raises if the spool's disk failed while the dataset arrived
         return path, stream.size, stream.digest.hexdigest(), _dataset_offset(stream.head)
     if stream is not None:  # not streamed through our file (pynetdicom changed): read it back
         stream.flush()

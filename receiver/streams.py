@@ -214,7 +214,13 @@ class SpoolTempFile:
         self._kicked = self.size
 
     def sync(self) -> None:
-        """Write what is left, fsync; raises the first write error, if there was one."""
+        """:meth:`finish`, then fsync."""
+        self.finish()
+        os.fsync(self._fd)
+
+    def finish(self) -> None:
+        """Hand everything written to the kernel (direct mode: the last block, to the disk);
+        raises the first write error, if there was one. The spool's commit fsyncs."""
         self.flush()
         if self.error is None and self._staging is not None and self._staged:
             try:  # the last partial block: padded to a whole one, then cut to the real size
@@ -227,7 +233,6 @@ class SpoolTempFile:
                 self.error = exc
         if self.error is not None:
             raise self.error
-        os.fsync(self._fd)
 
     def flush(self) -> None:
         """Buffered mode: hand what is buffered to the kernel. Direct mode keeps the last

@@ -19,7 +19,7 @@ log = logging.getLogger("dicom_ingest.sweeper")
 class SweepResult:
     requeued: int = 0
     pending: int = 0  # complete entries younger than the sweep age
-    removed_orphans: int = 0  # files under entries/ without a receipt (never acked)
+    removed_orphans: int = 0  # files under entries/ without their entry's .dcm (leftovers)
     removed_temp: int = 0
     enqueue_failed: bool = False
 
@@ -27,8 +27,8 @@ class SweepResult:
 def sweep_once(spool: Spool, enqueue: Callable[[str], None], age: float,
                now: float | None = None,
                queue_length: Callable[[], int | None] | None = None) -> SweepResult:
-    """One pass. An entry is re-enqueued when its receipt is older than ``age`` seconds;
-    its receipt's mtime is then set to now, so it is re-enqueued at most once per ``age``.
+    """One pass. An entry is re-enqueued when its file is older than ``age`` seconds; its
+    mtime is then set to now, so it is re-enqueued at most once per ``age``.
 
     With ``queue_length``, a pass that finds at least as many messages waiting in the queue as
     it has old entries re-enqueues nothing: they are most likely still queued behind a
@@ -44,16 +44,16 @@ def sweep_once(spool: Spool, enqueue: Callable[[str], None], age: float,
             mtime = path.stat().st_mtime
         except FileNotFoundError:
             continue  # a worker finished it meanwhile
-        if name.endswith(".json"):
+        if name.endswith(".dcm") and not name.startswith("."):
             if now - mtime < age:
                 result.pending += 1
             else:
-                old.append(name[: -len(".json")])
+                old.append(name[: -len(".dcm")])
         elif (
-            # a receipt is renamed in after its file and removed before it: a file alone
-            # and old is an interrupted write (never acked) or an interrupted removal
+            # an entry's .dcm is renamed in last and removed first: a receipt or attempts
+            # file without it, and old, is an interrupted write (never acked) or removal
             now - mtime >= age
-            and not (spool.entries / (name.split(".", 1)[0] + ".json")).exists()
+            and not (spool.entries / (name.split(".", 1)[0] + ".dcm")).exists()
         ):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
@@ -74,7 +74,7 @@ def sweep_once(spool: Spool, enqueue: Callable[[str], None], age: float,
             result.enqueue_failed = True
             break
         with contextlib.suppress(FileNotFoundError):
-            os.utime(spool.receipt_path(receipt_id), (now, now))
+            os.utime(spool.dcm_path(receipt_id), (now, now))
         result.requeued += 1
     for name in os.listdir(spool.tmp):
         path = spool.tmp / name

@@ -216,7 +216,7 @@ def test_instances_acked_while_workers_are_down_are_archived_later(
         make_instance(tmp_path / f"{i}.dcm")
         files.append(tmp_path / f"{i}.dcm")
     assert pynetdicom_send(pipeline.port, files) == [statuses.SUCCESS] * 5
-    assert len(list((pipeline.settings.spool_dir / "entries").glob("*.json"))) == 5
+    assert len(list((pipeline.settings.spool_dir / "entries").glob("*.dcm"))) == 5
     pipeline.start("worker")
     wait_for(lambda: len(objects_under(pipeline.archive)) == 5, 60, what="five objects")
     assert sorted(split_part10(p.read_bytes())[1] for p in objects_under(pipeline.archive)

@@ -195,7 +195,7 @@ def test_s3_down_then_back(tmp_path: Path, redis_url: str, s3_endpoint: str,
         stream = Stream(pipeline.port, files).start().wait()
         assert len(stream.acked) == len(files)
         time.sleep(1.0)  # let the first attempts fail against the closed port
-        assert len(list((pipeline.settings.spool_dir / "entries").glob("*.json"))) == 10
+        assert len(list((pipeline.settings.spool_dir / "entries").glob("*.dcm"))) == 10
         proxy.start()
         try:
             from minio import Minio

@@ -344,6 +344,8 @@ def test_directory_archive_takes_the_spooled_file_as_it_is(tmp_path: Path,
             assert path.read_bytes() == sent, where
             assert os.getxattr(path, "user.dicom_ingest.sha256").decode() == sha256(sent)
             assert os.getxattr(path, "user.dicom_ingest.calling-aet") == b"CT-7"
+            # the spool's poison counter is not left on it
+            assert "user.dicom_ingest.attempts" not in os.listxattr(path), where
             stat = os.stat(path)
             assert stat.st_mode & 0o777 == 0o666 & ~umask, where
             assert stat.st_nlink == 1, where  # the spool's name for it is gone

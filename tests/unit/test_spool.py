@@ -1,9 +1,10 @@
+import dataclasses
 import os
 from pathlib import Path
 
 import pytest
 
-from ingest.spool import Receipt, Spool, SpoolError
+from ingest.spool import RECEIPT_XATTR, Receipt, Spool, SpoolError
 from tests.support import make_instance, spool_entry
 
 
@@ -22,6 +23,32 @@ def test_commit_makes_file_and_receipt(spool: Spool, tmp_path: Path) -> None:
     assert spool.read_receipt(receipt.receipt_id) == receipt
     assert spool.receipt_ids() == [receipt.receipt_id]
     assert os.listdir(spool.tmp) == []  # the temp files were renamed, nothing left over
+    # one file per entry, its receipt an attribute of it
+    assert os.listdir(spool.entries) == [f"{receipt.receipt_id}.dcm"]
+    dcm = spool.dcm_path(receipt.receipt_id)
+    assert Receipt.decode(os.getxattr(dcm, RECEIPT_XATTR)) == receipt
+
+
+def _too_big_for_an_attribute(receipt: Receipt) -> Receipt:
+    """A receipt longer than any filesystem takes as one extended attribute (64 KiB)."""
+    return dataclasses.replace(receipt, peer="x" * 70_000)
+
+
+def test_a_receipt_that_is_no_attribute_is_a_file(spool: Spool, tmp_path: Path) -> None:
+    make_instance(tmp_path / "a.dcm")
+    data = (tmp_path / "a.dcm").read_bytes()
+    small = spool_entry(spool, data)
+    spool.remove(small.receipt_id)
+    received = tmp_path / "incoming.dcm"
+    received.write_bytes(data)
+    receipt = _too_big_for_an_attribute(small)
+    spool.commit(received, receipt)
+    assert sorted(os.listdir(spool.entries)) == [f"{receipt.receipt_id}.dcm",
+                                                 f"{receipt.receipt_id}.json"]
+    assert spool.read_receipt(receipt.receipt_id) == receipt
+    assert spool.receipt_ids() == [receipt.receipt_id]
+    spool.remove(receipt.receipt_id)
+    assert os.listdir(spool.entries) == []
 
 
 def test_remove_is_idempotent(spool: Spool, tmp_path: Path) -> None:
@@ -37,8 +64,9 @@ def test_failed_receipt_write_leaves_no_entry(spool: Spool, tmp_path: Path) -> N
     make_instance(tmp_path / "a.dcm")
     received = tmp_path / "incoming.dcm"
     received.write_bytes((tmp_path / "a.dcm").read_bytes())
-    receipt = Receipt("20260101T000000-0123456789abcdef", "A", "B", "p", 0.0, "1.2", "1.3",
-                      "1.2.840.10008.1.2.1", 1, 1, "0" * 64)
+    receipt = _too_big_for_an_attribute(Receipt(
+        "20260101T000000-0123456789abcdef", "A", "B", "p", 0.0, "1.2", "1.3",
+        "1.2.840.10008.1.2.1", 1, 1, "0" * 64))
     os.rmdir(spool.tmp)  # the receipt's temp file cannot be created
     with pytest.raises(OSError):
         spool.commit(received, receipt)
@@ -70,9 +98,12 @@ def test_spool_dir_must_be_usable(tmp_path: Path) -> None:
         Spool(tmp_path / "file").ensure()
 
 
-def test_an_empty_receipt_is_rebuilt_from_the_file(spool: Spool, tmp_path: Path) -> None:
-    """A power loss can leave a receipt empty (its contents are not fsynced): reading it
-    rebuilds it from the File Meta and the file, and writes it back."""
+@pytest.mark.parametrize("lost", ["attribute", "empty file"])
+def test_a_lost_receipt_is_rebuilt_from_the_file(spool: Spool, tmp_path: Path,
+                                                 lost: str) -> None:
+    """An entry without a readable receipt (a receipt file left empty by a power loss, its
+    contents are not fsynced; an entry from an interrupted commit of an older version):
+    reading it rebuilds it from the File Meta and the file, and writes it back."""
     import pydicom
 
     make_instance(tmp_path / "a.dcm")
@@ -81,14 +112,18 @@ def test_an_empty_receipt_is_rebuilt_from_the_file(spool: Spool, tmp_path: Path)
     ds.file_meta.ReceivingApplicationEntityTitle = "DICOM-INGEST"
     ds.save_as(tmp_path / "a.dcm", enforce_file_format=True)
     original = spool_entry(spool, (tmp_path / "a.dcm").read_bytes(), calling="MODALITY1")
-    spool.receipt_path(original.receipt_id).write_bytes(b"")
+    dcm = spool.dcm_path(original.receipt_id)
+    os.removexattr(dcm, RECEIPT_XATTR)
+    if lost == "empty file":
+        spool.receipt_path(original.receipt_id).write_bytes(b"")
     rebuilt = spool.read_receipt(original.receipt_id)
     assert rebuilt is not None
     assert rebuilt.calling_aet == "MODALITY1" and rebuilt.called_aet == "DICOM-INGEST"
     for name in ("sop_class_uid", "sop_instance_uid", "transfer_syntax", "size",
                  "dataset_offset", "sha256"):
         assert getattr(rebuilt, name) == getattr(original, name), name
-    assert Receipt.decode(spool.receipt_path(original.receipt_id).read_bytes()) == rebuilt
+    assert Receipt.decode(os.getxattr(dcm, RECEIPT_XATTR)) == rebuilt
+    assert spool.read_receipt(original.receipt_id) == rebuilt
 
 
 def test_spare_temp_files_are_locked_until_used(spool: Spool) -> None:
@@ -104,9 +139,9 @@ def test_spare_temp_files_are_locked_until_used(spool: Spool) -> None:
     assert os.listdir(spool.tmp) == [os.path.basename(taken.path)]  # spares removed
 
 
-def test_attempts_are_counted_on_the_receipt_not_in_files_of_their_own(
+def test_attempts_are_counted_on_the_entry_not_in_files_of_their_own(
         spool: Spool, tmp_path: Path) -> None:
-    """The poison counter lives in an extended attribute of the receipt: no file is made or
+    """The poison counter lives in an extended attribute of the entry: no file is made or
     deleted per task (on a spool with much churn that costs an inode allocation each)."""
     make_instance(tmp_path / "a.dcm")
     receipt = spool_entry(spool, (tmp_path / "a.dcm").read_bytes())

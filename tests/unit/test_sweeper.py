@@ -24,7 +24,7 @@ def entry(spool: Spool, tmp_path: Path, age: float = 0.0) -> str:
     make_instance(tmp_path / "a.dcm")
     receipt = spool_entry(spool, (tmp_path / "a.dcm").read_bytes())
     then = time.time() - age
-    os.utime(spool.receipt_path(receipt.receipt_id), (then, then))
+    os.utime(spool.dcm_path(receipt.receipt_id), (then, then))
     return str(receipt.receipt_id)
 
 
@@ -59,13 +59,19 @@ def test_broker_down_stops_the_pass_and_keeps_everything(spool: Spool, tmp_path:
 
 def test_leftovers_are_removed_only_when_old(spool: Spool, tmp_path: Path) -> None:
     (spool.tmp / "tmpabc.dcm").write_bytes(b"partial")
-    orphan = spool.entries / "20260101T000000-0123456789abcdef.dcm"
-    orphan.write_bytes(b"never acked")
+    # a receipt file and an attempts file whose entry's .dcm never arrived or is removed
+    orphans = [spool.entries / "20260101T000000-0123456789abcdef.json",
+               spool.entries / "20260101T000000-0123456789abcdef.attempts"]
+    for orphan in orphans:
+        orphan.write_bytes(b"{}")
+    kept = entry(spool, tmp_path)
     result = sweep_once(spool, lambda rid: None, age=3600)
-    assert result.removed_temp == 0 and orphan.exists()
-    result = sweep_once(spool, lambda rid: None, age=3600, now=time.time() + 7200)
-    assert result.removed_temp == 1 and result.removed_orphans == 1
-    assert not orphan.exists() and not list(spool.tmp.iterdir())
+    assert result.removed_temp == 0 and all(orphan.exists() for orphan in orphans)
+    sent: list[str] = []
+    result = sweep_once(spool, sent.append, age=3600, now=time.time() + 7200)
+    assert result.removed_temp == 1 and result.removed_orphans == 2
+    assert not any(orphan.exists() for orphan in orphans) and not list(spool.tmp.iterdir())
+    assert sent == [kept] and spool.receipt_ids() == [kept]  # an entry is not a leftover
 
 
 def test_monitor_refuses_past_depth_and_age(spool: Spool, tmp_path: Path) -> None:
