@@ -9,8 +9,8 @@ Layout under the spool root (one filesystem, so that ``rename`` is atomic):
   fsynced before the sender hears ``0x0000``: a ``.dcm`` under ``entries/`` is a complete
   entry.
 - ``entries/{receipt_id}.json``: the receipt as a file of its own, where the filesystem has no
-  user extended attributes (and in spools written by versions before 0.2). It is renamed in
-  before its ``.dcm`` and removed after it, so one alone is a leftover.
+  user extended attributes (and in spools written before receipts became attributes). It is
+  renamed in before its ``.dcm`` and removed after it, so one alone is a leftover.
 """
 
 from __future__ import annotations
