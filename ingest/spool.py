@@ -265,19 +265,20 @@ class Spool:
     def receipt_path(self, receipt_id: str) -> Path:
         return self.entries / f"{check_receipt_id(receipt_id)}.json"
 
-    def commit(self, received_file: Path, receipt: Receipt) -> None:
+    def commit(self, received_file: Path, receipt: Receipt, fd: int = -1) -> None:
         """Make one received file and its receipt durable under ``entries/``.
 
         ``received_file`` must live on the spool filesystem; its bytes need not be fsynced
-        yet. The receipt becomes an extended attribute of the file, one fsync makes both
-        durable, the file is renamed into ``entries/`` and the directory is fsynced: from
-        then on the entry survives a crash, and before, it is not there. One inode, one
-        rename and two fsyncs per instance. Where the receipt cannot be an attribute it is
+        yet (``fd``, when given, is that file open: it is not opened again). The receipt
+        becomes an extended attribute of the file, one fsync makes both durable, the file is
+        renamed into ``entries/`` and the directory is fsynced: from then on the entry
+        survives a crash, and before, it is not there. One inode, one rename and two fsyncs
+        per instance. Where the receipt cannot be an attribute it is
         written to ``{receipt_id}.json`` and renamed in first (its contents are not fsynced:
         :meth:`read_receipt` rebuilds an empty one from the file).
         """
         encoded = receipt.encode()
-        in_xattr = self._seal(received_file, encoded)
+        in_xattr = self._seal(received_file, encoded, fd)
         dcm = self.dcm_path(receipt.receipt_id)
         receipt_file = self.receipt_path(receipt.receipt_id)
         try:
@@ -293,10 +294,12 @@ class Spool:
             raise
 
     @staticmethod
-    def _seal(path: Path, encoded: bytes) -> bool:
+    def _seal(path: Path, encoded: bytes, fd: int = -1) -> bool:
         """Put the receipt on the file as an attribute and fsync it; False when the
         attribute could not be set (the file is fsynced all the same)."""
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        opened = fd < 0
+        if opened:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             try:
                 os.setxattr(fd, RECEIPT_XATTR, encoded)
@@ -307,7 +310,8 @@ class Spool:
                 in_xattr = False
             os.fsync(fd)
         finally:
-            os.close(fd)
+            if opened:
+                os.close(fd)
         return in_xattr
 
     def read_receipt(self, receipt_id: str) -> Receipt | None:

@@ -36,7 +36,7 @@ from typing import Any
 from pynetdicom.dul import DULServiceProvider
 
 from receiver import statuses
-from receiver.handlers import Arrival, StoreContext, account, hand_off, store
+from receiver.handlers import Arrival, Received, StoreContext, account, hand_off, store
 from receiver.reactors import wait_readable
 from receiver.streams import SpoolTempFile
 
@@ -191,10 +191,10 @@ class _Store:
         self.stream = stream
         self.meta_length = meta_length
 
-    def received(self) -> tuple[Path, int, str, int]:
+    def received(self) -> Received:
         self.stream.finish()  # raises the first write error, if the disk failed meanwhile
-        return (Path(self.stream.name), self.stream.size, self.stream.digest.hexdigest(),
-                self.meta_length)
+        return Received(Path(self.stream.name), self.stream.size,
+                        self.stream.digest.hexdigest(), self.meta_length, self.stream.fd)
 
     def discard(self) -> None:
         self.stream.close()

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from ingest.spool import Receipt, Spool, new_receipt_id
 from receiver import statuses
@@ -50,6 +49,16 @@ class StoreContext:
     gate: Gate
     metrics: ReceiverMetrics
     direct_io: bool = True  # spool files written with direct I/O where the filesystem allows
+
+
+class Received(NamedTuple):
+    """A received file, written out but not yet fsynced."""
+
+    path: Path
+    size: int
+    sha256: str
+    dataset_offset: int
+    fd: int = -1  # the file still open, for the commit's fsync; -1: the commit opens it
 
 
 class SpoolFull(Exception):
@@ -102,18 +111,18 @@ def handle_store(event: Any, ctx: StoreContext) -> int:
 
 
 def store(ctx: StoreContext, arrival: Arrival,
-          received: Callable[[], tuple[Path, int, str, int]]) -> tuple[int, Receipt | None]:
+          received: Callable[[], Received]) -> tuple[int, Receipt | None]:
     """Make one arrived instance durable in the spool: the status to answer and the receipt.
 
-    ``received`` finishes writing the received file and returns (path, size, sha256, dataset
-    offset); the spool's commit fsyncs it with its receipt.
+    ``received`` finishes writing the received file and says what it is; the spool's commit
+    fsyncs it with its receipt.
     No exception leaves this function.
     """
     try:
         refusal = ctx.gate.refusal()
         if refusal is not None:
             raise SpoolFull(refusal)
-        path, size, sha256, offset = received()
+        path, size, sha256, offset, fd = received()
         receipt = Receipt(
             receipt_id=new_receipt_id(),
             calling_aet=arrival.calling,
@@ -127,7 +136,7 @@ def store(ctx: StoreContext, arrival: Arrival,
             dataset_offset=offset,
             sha256=sha256,
         )
-        ctx.spool.commit(path, receipt)
+        ctx.spool.commit(path, receipt, fd)
         ctx.gate.stored()
     except SpoolFull as exc:
         log.warning("C-STORE status=0xA700 calling=%s sop=%.80s: %s", arrival.calling,
@@ -165,20 +174,21 @@ def account(ctx: StoreContext, arrival: Arrival, status: int, started: float) ->
         log.exception("C-STORE metrics failed")
 
 
-def _received(event: Any, stream: Any) -> tuple[Path, int, str, int]:
+def _received(event: Any, stream: Any) -> Received:
     # pynetdicom streamed preamble, File Meta and the sender's dataset bytes to this file
     # (STORE_RECV_CHUNKED_DATASET, temp dir on the spool filesystem).
     path: Path = event.dataset_path
     if isinstance(stream, SpoolTempFile):
         stream.finish()  # raises if the spool's disk failed while the dataset arrived
-        return path, stream.size, stream.digest.hexdigest(), _dataset_offset(stream.head)
+        return Received(path, stream.size, stream.digest.hexdigest(),
+                        _dataset_offset(stream.head), stream.fd)
     if stream is not None:  # not streamed through our file (pynetdicom changed): read it back
         stream.flush()
-    return (path, *_hash_and_sync(path))
+    return Received(path, *_hash(path))
 
 
-def _hash_and_sync(path: Path) -> tuple[int, str, int]:
-    """Size, sha256 and dataset offset of the received file, after fsyncing it."""
+def _hash(path: Path) -> tuple[int, str, int]:
+    """Size, sha256 and dataset offset of the received file."""
     digest = hashlib.sha256()
     size = 0
     with open(path, "rb") as fh:
@@ -188,7 +198,6 @@ def _hash_and_sync(path: Path) -> tuple[int, str, int]:
             digest.update(head)
             size += len(head)
             head = fh.read(_CHUNK)
-        os.fsync(fh.fileno())
     return size, digest.hexdigest(), offset
 
 

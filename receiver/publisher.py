@@ -41,7 +41,6 @@ from typing import IO, Any
 from celery import Celery
 
 from ingest import logs
-from ingest.broker import make_celery
 from ingest.messages import ARCHIVE_TASK, QUEUE, MessageError, check_receipt_id
 from ingest.settings import Settings, environment
 
@@ -256,17 +255,8 @@ class QueueWriter:
         self._errors = (redis.ConnectionError, redis.TimeoutError)
         self._redis = redis.Redis.from_url(settings.redis_url, socket_timeout=10,
                                            socket_connect_timeout=5)
-        self._app = make_celery(settings, "dicom-ingest-publisher")
         self._origin = f"{os.getpid()}@{socket.gethostname()}"
         self._reply_to = str(uuid.uuid4())
-        self._declared = False
-
-    def _declare(self) -> None:
-        """Declare the queue once, through kombu, as a Celery publisher does before its
-        first message (the workers consume it whether or not this ran)."""
-        with self._app.connection_for_write() as connection:
-            self._app.amqp.queues[QUEUE].bind(connection.default_channel).declare()
-        self._declared = True
 
     def push(self, receipt_ids: list[str]) -> None:
         """Enqueue one task per id, oldest first; raises when Redis cannot take them after
@@ -275,9 +265,9 @@ class QueueWriter:
         delays = [0.2, 0.5]
         while True:
             try:
-                if not self._declared:
-                    self._declare()
-                # LPUSH a b: b ends up leftmost; workers pop from the right, a first
+                # the list is the queue (kombu's binding records serve exchanges, which this
+                # does not go through). LPUSH a b leaves b leftmost; workers pop from the
+                # right, a first
                 self._redis.lpush(QUEUE, *messages)
                 return
             except self._errors:
@@ -287,7 +277,6 @@ class QueueWriter:
 
     def close(self) -> None:
         self._redis.close()
-        self._app.close()
 
 
 def _lines(fd: int) -> Any:

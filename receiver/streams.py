@@ -218,17 +218,29 @@ class SpoolTempFile:
         self.finish()
         os.fsync(self._fd)
 
+    @property
+    def fd(self) -> int:
+        """The open file (for the spool's commit to fsync); -1 once closed."""
+        return self._fd
+
     def finish(self) -> None:
         """Hand everything written to the kernel (direct mode: the last block, to the disk);
         raises the first write error, if there was one. The spool's commit fsyncs."""
         self.flush()
         if self.error is None and self._staging is not None and self._staged:
-            try:  # the last partial block: padded to a whole one, then cut to the real size
-                whole = -(-self._staged // DIRECT_ALIGN) * DIRECT_ALIGN
-                self._staging[self._staged : whole] = bytes(whole - self._staged)
-                self._staged = whole
-                self._write_staged(whole)
-                os.ftruncate(self._fd, self.size)
+            # the last partial block goes through the page cache (direct I/O writes whole
+            # blocks only; padding it and cutting the file back made the kernel read that
+            # block back from the disk), and the fsync writes it with the inode
+            try:
+                flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+                fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~_O_DIRECT)
+                with memoryview(self._staging) as buffer:
+                    done = 0
+                    while done < self._staged:
+                        done += os.pwrite(self._fd, buffer[done : self._staged],
+                                          self._written + done)
+                self._written += self._staged
+                self._staged = 0
             except OSError as exc:
                 self.error = exc
         if self.error is not None:
