@@ -324,7 +324,9 @@ class Spool:
             data = os.getxattr(dcm, RECEIPT_XATTR)
         except FileNotFoundError:
             return None
-        except OSError:  # not there (a receipt file), or no attributes on this filesystem
+        except OSError as exc:  # not there (a receipt file), or no attributes on this disk
+            if exc.errno != errno.ENODATA and exc.errno not in _NO_XATTRS:
+                raise
             try:
                 data = self.receipt_path(receipt_id).read_bytes()
             except FileNotFoundError:

@@ -131,15 +131,11 @@ class SpoolTempFile:
         self._staging: mmap.mmap | None = None  # direct mode: the aligned buffer
         self._staged = 0  # bytes in it not yet written
         self._written = 0  # bytes written to the file (direct mode: whole blocks)
-        if direct and enable_direct(temp.fd):
+        self.direct = direct and enable_direct(temp.fd)  # written with direct I/O
+        if self.direct:
             self._staging = _buffers.take()
         else:
             self._fh = os.fdopen(temp.fd, "wb")
-
-    @property
-    def direct(self) -> bool:
-        """Whether this file is written with direct I/O."""
-        return self._staging is not None
 
     @classmethod
     def failed(cls, error: OSError) -> SpoolTempFile:
@@ -147,6 +143,7 @@ class SpoolTempFile:
         ``error`` at :meth:`sync`."""
         stream = cls.__new__(cls)
         stream.name, stream._fh, stream._fd, stream._staging = "", None, -1, None
+        stream.direct = False
         stream.file = stream
         stream.error, stream.digest, stream.size, stream.head = error, hashlib.sha256(), 0, b""
         stream._kicked = stream._staged = stream._written = 0
@@ -183,24 +180,20 @@ class SpoolTempFile:
                 self._staged += len(part)
                 view = view[len(part) :]
                 if self._staged == DIRECT_CHUNK:
-                    self._write_staged(DIRECT_CHUNK)
+                    self._write_staged()
         finally:
             view.release()
 
-    def _write_staged(self, length: int) -> None:
-        """Write the first ``length`` bytes of the staging buffer (a multiple of the block
-        size) at the end of what is written, and keep what follows them."""
-        staging = self._staging
-        assert staging is not None
-        with memoryview(staging) as buffer:
+    def _write_staged(self) -> None:
+        """Write the full staging buffer at the end of the file (direct I/O: it waits for
+        the disk), and start staging again."""
+        assert self._staging is not None
+        with memoryview(self._staging) as buffer:
             done = 0
-            while done < length:
-                done += os.pwrite(self._fd, buffer[done:length], self._written + done)
-        self._written += length
-        rest = self._staged - length
-        if rest:
-            staging.move(0, length, rest)
-        self._staged = rest
+            while done < DIRECT_CHUNK:
+                done += os.pwrite(self._fd, buffer[done:DIRECT_CHUNK], self._written + done)
+        self._written += DIRECT_CHUNK
+        self._staged = 0
 
     def _start_writeback(self) -> None:
         """Have the kernel start writing what has arrived so far, while the rest arrives:
@@ -248,7 +241,7 @@ class SpoolTempFile:
 
     def flush(self) -> None:
         """Buffered mode: hand what is buffered to the kernel. Direct mode keeps the last
-        partial block until :meth:`sync`: only whole blocks can be written."""
+        partial block until :meth:`finish`: only whole blocks can be written directly."""
         if self.error is None and self._fh is not None:
             try:
                 self._fh.flush()
