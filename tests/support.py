@@ -315,6 +315,15 @@ def spool_entry(spool: Any, part10: bytes, calling: str = "TEST") -> Any:
     return receipt
 
 
+def spool_entries(spool: Any, folder: Path, count: int) -> list[Any]:
+    """``count`` new instances (``folder/0.dcm`` ...) committed to ``spool``; their Receipts."""
+    receipts = []
+    for n in range(count):
+        make_instance(folder / f"{n}.dcm")
+        receipts.append(spool_entry(spool, (folder / f"{n}.dcm").read_bytes()))
+    return receipts
+
+
 @contextlib.contextmanager
 def task_event_listener(settings: Any) -> Iterator[list[dict[str, Any]]]:
     """Listen to Celery's events on the settings' broker, as Flower does; yields the list the

@@ -122,15 +122,12 @@ def test_the_publisher_writes_what_celery_writes_and_a_worker_takes_it(
     from ingest.broker import make_celery
     from ingest.messages import QUEUE
     from receiver.publisher import QueueWriter
-    from tests.support import spool_entry
+    from tests.support import spool_entries
 
     settings = settings.replace(redis_url=redis_url)
     spool = Spool(settings.spool_dir)
     spool.ensure()
-    entries = []
-    for i in range(3):
-        make_instance(tmp_path / f"{i}.dcm")
-        entries.append(spool_entry(spool, (tmp_path / f"{i}.dcm").read_bytes()))
+    entries = spool_entries(spool, tmp_path, 3)
     app = make_celery(settings, "test-publisher")
     publish(app, entries[0].receipt_id)  # Celery's own
     writer = QueueWriter(settings)
@@ -367,7 +364,7 @@ def test_a_stopping_worker_sends_the_task_events_it_holds(
     what it holds, so that a dashboard sees how its last tasks ended."""
     from celery.contrib.testing.worker import start_worker as celery_start_worker
 
-    from tests.support import spool_entry, task_event_listener
+    from tests.support import spool_entries, task_event_listener
     from workers import consumer
     from workers.app import create_app
 
@@ -376,10 +373,7 @@ def test_a_stopping_worker_sends_the_task_events_it_holds(
     app = create_app(live)
     spool = Spool(live.spool_dir)
     spool.ensure()
-    receipts = []
-    for n in range(3):
-        make_instance(tmp_path / f"{n}.dcm")
-        receipts.append(spool_entry(spool, (tmp_path / f"{n}.dcm").read_bytes()))
+    receipts = spool_entries(spool, tmp_path, 3)
     with task_event_listener(live) as seen:
 
         def ours(kind: str) -> list[dict[str, Any]]:
