@@ -273,8 +273,8 @@ class Spool:
         becomes an extended attribute of the file, one fsync makes both durable, the file is
         renamed into ``entries/`` and the directory is fsynced: from then on the entry
         survives a crash, and before, it is not there. One inode, one rename and two fsyncs
-        per instance. Where the receipt cannot be an attribute it is
-        written to ``{receipt_id}.json`` and renamed in first (its contents are not fsynced:
+        per instance. Where the receipt cannot be an attribute it is written to
+        ``{receipt_id}.json`` and renamed in first (its contents are not fsynced:
         :meth:`read_receipt` rebuilds an empty one from the file).
         """
         encoded = receipt.encode()
@@ -388,9 +388,9 @@ class Spool:
         directory with much churn). Where the filesystem has no user xattrs it is a
         ``.attempts`` file.
         """
-        receipt = self.dcm_path(receipt_id)
+        entry = self.dcm_path(receipt_id)
         try:
-            count = _attempts(os.getxattr(receipt, ATTEMPTS_XATTR)) + 1
+            count = _attempts(os.getxattr(entry, ATTEMPTS_XATTR)) + 1
         except OSError as exc:
             if exc.errno == errno.ENODATA:
                 count = 1
@@ -400,7 +400,7 @@ class Spool:
                 return 1  # the entry is gone, or its disk fails: counting is only a hint
         # a full spool disk must not stop the work that frees it: counting is only a hint
         with contextlib.suppress(OSError):
-            os.setxattr(receipt, ATTEMPTS_XATTR, str(count).encode())
+            os.setxattr(entry, ATTEMPTS_XATTR, str(count).encode())
         return count
 
     def _begin_attempt_file(self, receipt_id: str) -> int:
@@ -429,8 +429,7 @@ class Spool:
         The file may live on as an archived object (a directory archive's hard link): the
         attempts counter is taken off it first; the receipt stays on it, a record of who sent
         it, when and from where."""
-        with contextlib.suppress(OSError):
-            os.removexattr(self.dcm_path(receipt_id), ATTEMPTS_XATTR)
+        self.end_attempt(receipt_id)
         for path in (self.dcm_path(receipt_id), self.receipt_path(receipt_id),
                      self.attempts_path(receipt_id)):
             with contextlib.suppress(FileNotFoundError):
@@ -438,13 +437,16 @@ class Spool:
         # no directory fsync: an entry that comes back after a crash is archived already,
         # and handling it again finds the same object under its key (a harmless repeat)
 
+    @staticmethod
+    def entry_id(name: str) -> str | None:
+        """The receipt id of a complete entry's file name under ``entries/``, else None."""
+        if name.endswith(".dcm") and not name.startswith("."):
+            return name[: -len(".dcm")]
+        return None
+
     def receipt_ids(self) -> list[str]:
         """Ids of the complete entries, oldest first."""
-        ids = []
-        for name in os.listdir(self.entries):
-            if name.endswith(".dcm") and not name.startswith("."):
-                ids.append(name[: -len(".dcm")])
-        return sorted(ids)
+        return sorted(filter(None, map(self.entry_id, os.listdir(self.entries))))
 
     def depth(self) -> int:
         return len(self.receipt_ids())

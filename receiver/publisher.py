@@ -2,7 +2,7 @@
 
 The C-STORE path hands a receipt id to :class:`Publisher` and goes on at once. A thread
 writes the ids, a line each, to a child process (``python -m receiver.publisher``) that
-publishes them with Celery and writes back a line for each id it could not publish.
+enqueues them as Celery tasks and writes back a line for each id it could not enqueue.
 
 Why a process: publishing costs CPU, and on a thread of the receiver it holds the GIL just
 when the next instance arrives. In the child it runs on another core.
@@ -222,8 +222,8 @@ _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 def task_message(receipt_id: str, origin: str, reply_to: str) -> str:
     """The archive task for one receipt id, as Celery's ``send_task`` would put it on the
     Redis list: task protocol 2 (headers, and a body of args, kwargs and embed) in kombu's
-    envelope (the body base64-encoded JSON, a fresh delivery tag)."""
-    check_receipt_id(receipt_id)
+    envelope (the body base64-encoded JSON, a fresh delivery tag). ``receipt_id`` has been
+    checked (:func:`main` drops the lines that are not receipt ids)."""
     task_id = str(uuid.uuid4())
     body = json.dumps([[receipt_id], {}, _EMBED]).encode()
     return json.dumps({

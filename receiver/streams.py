@@ -62,14 +62,19 @@ class _Buffers:
 _buffers = _Buffers()
 
 
+def _set_direct(fd: int, on: bool) -> None:
+    """Turn direct I/O (``O_DIRECT``) on or off for an open file; raises where refused."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | _O_DIRECT if on else flags & ~_O_DIRECT)
+
+
 def enable_direct(fd: int) -> bool:
-    """Turn on direct I/O (``O_DIRECT``) for an open file; False where the filesystem or
-    the platform refuses it (the file then stays buffered)."""
+    """Turn on direct I/O for an open file; False where the filesystem or the platform
+    refuses it (the file then stays buffered)."""
     if not _O_DIRECT:
         return False
     try:
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags | _O_DIRECT)
+        _set_direct(fd, True)
     except OSError:
         return False
     return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & _O_DIRECT)
@@ -140,7 +145,7 @@ class SpoolTempFile:
     @classmethod
     def failed(cls, error: OSError) -> SpoolTempFile:
         """One that could not even be created: it swallows what is written and raises
-        ``error`` at :meth:`sync`."""
+        ``error`` at :meth:`finish`."""
         stream = cls.__new__(cls)
         stream.name, stream._fh, stream._fd, stream._staging = "", None, -1, None
         stream.direct = False
@@ -185,14 +190,14 @@ class SpoolTempFile:
             view.release()
 
     def _write_staged(self) -> None:
-        """Write the full staging buffer at the end of the file (direct I/O: it waits for
-        the disk), and start staging again."""
+        """Write what is staged at the end of the file (with direct I/O on, a full buffer,
+        and the call waits for the disk), and start staging again."""
         assert self._staging is not None
         with memoryview(self._staging) as buffer:
             done = 0
-            while done < DIRECT_CHUNK:
-                done += os.pwrite(self._fd, buffer[done:DIRECT_CHUNK], self._written + done)
-        self._written += DIRECT_CHUNK
+            while done < self._staged:
+                done += os.pwrite(self._fd, buffer[done : self._staged], self._written + done)
+        self._written += self._staged
         self._staged = 0
 
     def _start_writeback(self) -> None:
@@ -205,11 +210,6 @@ class SpoolTempFile:
         except OSError as exc:
             self.error = exc
         self._kicked = self.size
-
-    def sync(self) -> None:
-        """:meth:`finish`, then fsync."""
-        self.finish()
-        os.fsync(self._fd)
 
     @property
     def fd(self) -> int:
@@ -225,15 +225,8 @@ class SpoolTempFile:
             # blocks only; padding it and cutting the file back made the kernel read that
             # block back from the disk), and the fsync writes it with the inode
             try:
-                flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
-                fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~_O_DIRECT)
-                with memoryview(self._staging) as buffer:
-                    done = 0
-                    while done < self._staged:
-                        done += os.pwrite(self._fd, buffer[done : self._staged],
-                                          self._written + done)
-                self._written += self._staged
-                self._staged = 0
+                _set_direct(self._fd, False)
+                self._write_staged()
             except OSError as exc:
                 self.error = exc
         if self.error is not None:

@@ -44,11 +44,11 @@ def sweep_once(spool: Spool, enqueue: Callable[[str], None], age: float,
             mtime = path.stat().st_mtime
         except FileNotFoundError:
             continue  # a worker finished it meanwhile
-        if name.endswith(".dcm") and not name.startswith("."):
+        if (receipt_id := spool.entry_id(name)) is not None:
             if now - mtime < age:
                 result.pending += 1
             else:
-                old.append(name[: -len(".dcm")])
+                old.append(receipt_id)
         elif (
             # an entry's .dcm is renamed in last and removed first: a receipt or attempts
             # file without it, and old, is an interrupted write (never acked) or removal

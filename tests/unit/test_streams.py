@@ -52,7 +52,7 @@ def test_every_byte_lands_in_order(tmp_path: Path, direct: bool, length: int) ->
     if direct:
         assert fcntl.fcntl(stream._fd, fcntl.F_GETFL) & os.O_DIRECT
     _stream(stream, data, rng)
-    stream.sync()
+    stream.finish()
     stream.close()
     assert Path(stream.name).read_bytes() == data
     assert stream.size == length == os.stat(stream.name).st_size
@@ -69,7 +69,7 @@ def test_a_write_error_is_kept_for_sync_and_the_rest_swallowed(tmp_path: Path) -
     assert stream.write(b"y" * DIRECT_CHUNK) == DIRECT_CHUNK  # no exception on the way in
     assert stream.write(b"z") == 1
     with pytest.raises(OSError) as raised:
-        stream.sync()
+        stream.finish()
     assert raised.value.errno == errno.EBADF
     stream.close()
 
@@ -79,7 +79,7 @@ def test_streams_reuse_their_staging_buffers(tmp_path: Path) -> None:
     first = SpoolTempFile(tmp_path)
     buffer = first._staging
     first.write(b"a" * 10)
-    first.sync()
+    first.finish()
     first.close()
     second = SpoolTempFile(tmp_path)
     assert second._staging is buffer
