@@ -57,7 +57,7 @@ class Settings:
     tls_cert: str = ""
     tls_key: str = field(default="", repr=False)
     tls_ca: str = ""
-    receiver_processes: int = 1  # >1: that many processes share the port (SO_REUSEPORT)
+    receiver_processes: int = 1  # >1: that many processes share the listening socket
     receiver_index: int = 0  # set by the receiver for its extra processes
     receiver_fast_path: bool = True  # C-STOREs straight from the socket to the spool
     spool_direct_io: bool = True  # spool files written with O_DIRECT where the filesystem allows

@@ -63,19 +63,63 @@ class SharedContexts(list):  # type: ignore[type-arg]
         return list(self)
 
 
-class ReusePortServer(ThreadedAssociationServer):
-    """An association server whose socket several processes can bind (``SO_REUSEPORT``):
-    the kernel spreads new connections across them."""
+#: the environment variable that gives the extra receiver processes the listening socket
+LISTEN_FD_ENV = "DICOM_INGEST_LISTEN_FD"
+# A process serving associations already waits this long per association (at most
+# _MAX_DEFER) before it accepts a new one, so that an idler process takes it first.
+_DEFER_PER_ASSOCIATION = 0.001
+_MAX_DEFER = 0.01
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket that child processes can inherit."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=socket.SOMAXCONN)
+    sock.set_inheritable(True)
+    return sock
+
+
+class SharedSocketServer(ThreadedAssociationServer):
+    """An association server on a listening socket that several receiver processes share
+    (``INGEST_RECEIVER_PROCESSES``). Every process waits for connections on it; the first
+    to accept one serves it. A process that serves associations already accepts a little
+    later (1 ms per association, at most 10 ms), so new associations go to the least busy
+    process: with SO_REUSEPORT the kernel spread them by a hash of the addresses, and four
+    parallel associations landed 3 to 1 on two processes as often as 2 to 2.
+    ``listen_fd`` is set by :func:`shared_server_class`."""
+
+    listen_fd = -1
 
     def server_bind(self) -> None:
         assert self.socket is not None
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        self.socket.close()  # the unbound one socketserver made
+        self.socket = socket.socket(fileno=os.dup(self.listen_fd))
+        # non-blocking: another process may take a connection this one was woken for
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        pass  # listening already
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        busy = len(self.active_associations)
+        if busy:
+            time.sleep(min(busy * _DEFER_PER_ASSOCIATION, _MAX_DEFER))
+        return super().get_request()  # BlockingIOError when another process took it
+
+    def server_close(self) -> None:
+        # no shutdown(): that would stop the other processes listening too
+        assert self.socket is not None
+        self.socket.close()
 
     def shutdown(self) -> None:
         # not registered with the AE (we start it ourselves): stop and close, nothing more
         socketserver.BaseServer.shutdown(self)
         self.server_close()
+
+
+def shared_server_class(listen_fd: int) -> type[SharedSocketServer]:
+    return type("SharedSocketServer", (SharedSocketServer,), {"listen_fd": listen_fd})
 
 
 def build_ae(settings: Settings) -> AE:
@@ -158,8 +202,10 @@ class Receiver:
         return [a for a in self.server.active_associations if a.is_established]
 
 
-def start(settings: Settings) -> Receiver:
-    """Start listening (non-blocking) with the publisher and the periodic sweeper."""
+def start(settings: Settings, listen_fd: int | None = None) -> Receiver:
+    """Start listening (non-blocking) with the publisher and the periodic sweeper. With
+    ``listen_fd`` (or the environment's :data:`LISTEN_FD_ENV`), serve that listening socket,
+    which other receiver processes share."""
     spool = Spool(settings.spool_dir)
     spool.ensure()
     spool.temp_files = TempFilePool(spool.tmp)
@@ -203,10 +249,12 @@ def start(settings: Settings) -> Receiver:
                      (evt.EVT_CONN_CLOSE, fastpath.on_closed)]
     ae = build_ae(settings)
     server: Any
-    if settings.receiver_processes > 1 or settings.receiver_index:
+    if listen_fd is None and os.environ.get(LISTEN_FD_ENV):
+        listen_fd = int(os.environ[LISTEN_FD_ENV])
+    if listen_fd is not None:
         server = ae.make_server((settings.host, settings.port), evt_handlers=handlers,
                                 ssl_context=tls_context(settings),
-                                server_class=ReusePortServer)
+                                server_class=shared_server_class(listen_fd))
         threading.Thread(target=server.serve_forever, name="acceptor", daemon=True).start()
     else:
         server = ae.start_server((settings.host, settings.port), block=False,
@@ -223,8 +271,8 @@ def start(settings: Settings) -> Receiver:
 
 def run(settings: Settings) -> int:
     """Serve until SIGTERM or SIGINT, then stop cleanly. With ``receiver_processes`` > 1,
-    start that many more processes on the same port first (the kernel spreads associations
-    across them) and stop them too."""
+    open the listening socket, start that many more processes on it (see
+    :class:`SharedSocketServer`) and stop them too."""
     done = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -234,14 +282,16 @@ def run(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     extra = []
+    listener = None
     if settings.receiver_processes > 1 and settings.receiver_index == 0:
-        if settings.port == 0:
-            raise SystemExit("INGEST_RECEIVER_PROCESSES > 1 needs a fixed INGEST_PORT")
+        listener = listening_socket(settings.host, settings.port)
+        fd = listener.fileno()
         for index in range(1, settings.receiver_processes):
-            env = dict(os.environ) | environment(settings.replace(receiver_index=index))
+            env = (dict(os.environ) | environment(settings.replace(receiver_index=index))
+                   | {LISTEN_FD_ENV: str(fd)})
             extra.append(subprocess.Popen([sys.executable, "-m", "ingest.cli", "receiver"],
-                                          env=env, stdin=subprocess.DEVNULL))
-    receiver = start(settings)
+                                          env=env, stdin=subprocess.DEVNULL, pass_fds=(fd,)))
+    receiver = start(settings, listener.fileno() if listener is not None else None)
     # wake up now and then: a signal the kernel delivers to another thread is only handled
     # when the main thread runs again, and an untimed wait would never let it
     while not done.wait(0.5):
@@ -249,6 +299,8 @@ def run(settings: Settings) -> int:
     for proc in extra:
         proc.send_signal(signal.SIGTERM)
     receiver.stop()
+    if listener is not None:
+        listener.close()
     for proc in extra:
         try:
             proc.wait(settings.shutdown_timeout + 30)

@@ -240,7 +240,7 @@ def test_flower_sees_worker_and_tasks(tmp_path: Path, redis_url: str) -> None:
 
 
 def test_several_receiver_processes_share_the_port(tmp_path: Path, redis_url: str) -> None:
-    """INGEST_RECEIVER_PROCESSES=2: two processes on one port (SO_REUSEPORT); parallel
+    """INGEST_RECEIVER_PROCESSES=2: two processes on one listening socket; parallel
     associations are all served and archived, and SIGTERM stops both."""
     port = free_port()
     with start_pipeline(tmp_path, redis_url, port=port, receiver_processes=2) as pipeline:
