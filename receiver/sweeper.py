@@ -103,7 +103,8 @@ class PeriodicSweeper:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(5)
+        if self._thread.is_alive():  # only the first receiver process runs one
+            self._thread.join(5)
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):

@@ -244,6 +244,8 @@ def test_several_receiver_processes_share_the_port(tmp_path: Path, redis_url: st
     associations are all served and archived, and SIGTERM stops both."""
     port = free_port()
     with start_pipeline(tmp_path, redis_url, port=port, receiver_processes=2) as pipeline:
+        wait_for(lambda: pipeline.log("receiver").count("listening on") == 2, 30,
+                 what="both receiver processes listening")
         files = instances(tmp_path / "in", 24)
         streams = [Stream(port, files[i::4]).start() for i in range(4)]
         for stream in streams:
@@ -256,6 +258,9 @@ def test_several_receiver_processes_share_the_port(tmp_path: Path, redis_url: st
         assert len(children) == 1  # the extra receiver (beside the publisher process)
         assert pipeline.stop("receiver") == 0
         assert not port_open(port)
+        log = pipeline.log("receiver")  # both processes write to it
+        assert log.count("receiver stopped") == 2, log[-3000:]
+        assert "Traceback" not in log, log[-3000:]
 
 
 def test_task_events_reach_a_listener_in_batches(tmp_path: Path, redis_url: str) -> None:
