@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import select
 import signal
 import socket
 import socketserver
@@ -65,6 +67,9 @@ class SharedContexts(list):  # type: ignore[type-arg]
 
 #: the environment variable that gives the extra receiver processes the listening socket
 LISTEN_FD_ENV = "DICOM_INGEST_LISTEN_FD"
+#: and the one that gives them the pipe on which they say they are ready
+READY_FD_ENV = "DICOM_INGEST_READY_FD"
+_START_TIMEOUT = 120.0  # seconds the first process waits for the others to start
 # A process serving associations already waits this long per association (at most
 # _MAX_DEFER) before it accepts a new one, so that an idler process takes it first.
 _DEFER_PER_ASSOCIATION = 0.001
@@ -281,17 +286,16 @@ def run(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    extra = []
+    extra: list[subprocess.Popen[bytes]] = []
     listener = None
     if settings.receiver_processes > 1 and settings.receiver_index == 0:
         listener = listening_socket(settings.host, settings.port)
-        fd = listener.fileno()
-        for index in range(1, settings.receiver_processes):
-            env = (dict(os.environ) | environment(settings.replace(receiver_index=index))
-                   | {LISTEN_FD_ENV: str(fd)})
-            extra.append(subprocess.Popen([sys.executable, "-m", "ingest.cli", "receiver"],
-                                          env=env, stdin=subprocess.DEVNULL, pass_fds=(fd,)))
+        extra = _start_others(settings, listener.fileno())
     receiver = start(settings, listener.fileno() if listener is not None else None)
+    if ready := os.environ.get(READY_FD_ENV):
+        with contextlib.suppress(OSError):
+            os.write(int(ready), b"r")
+            os.close(int(ready))
     # wake up now and then: a signal the kernel delivers to another thread is only handled
     # when the main thread runs again, and an untimed wait would never let it
     while not done.wait(0.5):
@@ -309,3 +313,36 @@ def run(settings: Settings) -> int:
             proc.wait()
     log.info("receiver stopped")
     return 0
+
+
+def _start_others(settings: Settings, listen_fd: int) -> list[subprocess.Popen[bytes]]:
+    """Start the extra receiver processes on ``listen_fd`` and wait until each serves it
+    (or has failed): connections wait in the socket's backlog meanwhile, and then the first
+    ones are spread over all the processes instead of going to the first process up."""
+    ready_r, ready_w = os.pipe()
+    procs = []
+    try:
+        for index in range(1, settings.receiver_processes):
+            env = (dict(os.environ) | environment(settings.replace(receiver_index=index))
+                   | {LISTEN_FD_ENV: str(listen_fd), READY_FD_ENV: str(ready_w)})
+            procs.append(subprocess.Popen([sys.executable, "-m", "ingest.cli", "receiver"],
+                                          env=env, stdin=subprocess.DEVNULL,
+                                          pass_fds=(listen_fd, ready_w)))
+        os.close(ready_w)
+        ready_w = -1
+        waiting, deadline = len(procs), time.monotonic() + _START_TIMEOUT
+        while waiting and (left := deadline - time.monotonic()) > 0:
+            if not select.select([ready_r], [], [], left)[0]:
+                break
+            got = os.read(ready_r, waiting)
+            if not got:  # every process that could still say so has exited
+                break
+            waiting -= len(got)
+        if waiting:
+            log.warning("receiver: %d of %d extra receiver process(es) did not start; "
+                        "serving without them", waiting, len(procs))
+    finally:
+        os.close(ready_r)
+        if ready_w >= 0:
+            os.close(ready_w)
+    return procs
