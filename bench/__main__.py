@@ -171,8 +171,9 @@ def main() -> int:
     parser.add_argument("--large-mb", type=int, default=1024, help="the large instance (1024)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2,
                         help="worker processes for the N-worker end-to-end run")
-    parser.add_argument("--receiver-processes", type=int, default=0,
-                        help="receiver processes for ours (0: the default setting)")
+    parser.add_argument("--receiver-processes", type=int, default=min(os.cpu_count() or 1, 4),
+                        help="INGEST_RECEIVER_PROCESSES for ours (default: one per core, at "
+                        "most 4; the setting's own default is 1)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds of the receive runs (the receivers taking turns) and of the "
                         "end-to-end runs; each figure is the median (3)")
@@ -194,8 +195,7 @@ def main() -> int:
     small = make_corpus(work / "small", args.small, 40 * 1024)
     redis = EmbeddedRedis(work / "redis", persist=False)
     redis.start()
-    processes = {} if not args.receiver_processes else {
-        "INGEST_RECEIVER_PROCESSES": str(args.receiver_processes)}
+    processes = {"INGEST_RECEIVER_PROCESSES": str(max(1, args.receiver_processes))}
     try:
         if "receive" in parts:
             receive(report, work, redis, ct, small, processes, args.rounds)
@@ -213,7 +213,8 @@ def main() -> int:
     from bench.report import write
 
     machine = (f"{platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}, "
-               f"{platform.platform()}")
+               f"{platform.platform()}; ours with {processes['INGEST_RECEIVER_PROCESSES']} "
+               f"receiver process(es)")
     paths = write(report.rows, args.out, machine)
     print(f"bench: wrote {', '.join(str(p) for p in paths)}")
     return 0

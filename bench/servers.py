@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -137,6 +138,11 @@ class Ours(Server):
         self.proc = subprocess.Popen([sys.executable, "-m", "ingest.cli", "receiver"],
                                      env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
         wait_port(self.port, self.proc)
+        # the port listens before every receiver process serves it: a C-ECHO is answered
+        # once they all do (the first process serves last)
+        subprocess.run([shutil.which("echoscu") or "echoscu", "-aec", self.ae_title,
+                        "127.0.0.1", str(self.port)], env=dict(os.environ, **NODELAY),
+                       check=True, timeout=180, capture_output=True)
         return self
 
     def start_workers(self, processes: int) -> None:
@@ -158,9 +164,29 @@ class Ours(Server):
         super().stop()
 
     def peak_rss_mb(self) -> float:
-        """Peak resident memory of the receiver process (VmHWM), in MB."""
-        status = Path(f"/proc/{self.pid}/status").read_text()
-        for line in status.splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        raise RuntimeError("no VmHWM")
+        """Peak resident memory (VmHWM) of the receiver process that used the most, in MB:
+        with several receiver processes, the one that received the large instance."""
+        peaks = []
+        for pid in receiver_pids(self.pid):
+            with contextlib.suppress(OSError):
+                status = Path(f"/proc/{pid}/status").read_text()
+                peaks += [int(line.split()[1]) / 1024 for line in status.splitlines()
+                          if line.startswith("VmHWM:")]
+        if not peaks:
+            raise RuntimeError("no VmHWM")
+        return max(peaks)
+
+
+def receiver_pids(first: int) -> list[int]:
+    """The first receiver process and the extra ones it started (not its publishers)."""
+    pids = [first]
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            stat = (entry / "stat").read_text()
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            if parent == first and b"receiver" in cmdline:
+                pids.append(int(entry.name))
+    return pids
