@@ -89,8 +89,8 @@ class SharedSocketServer(ThreadedAssociationServer):
     (``INGEST_RECEIVER_PROCESSES``). Every process waits for connections on it; the first
     to accept one serves it. A process that serves associations already accepts a little
     later (1 ms per association, at most 10 ms), so new associations go to the least busy
-    process: with SO_REUSEPORT the kernel spread them by a hash of the addresses, and four
-    parallel associations landed 3 to 1 on two processes as often as 2 to 2.
+    process. (With SO_REUSEPORT, used before, the kernel picked a process by a hash of the
+    addresses: four associations split 2 to 2 over two processes only 3 times in 8.)
     ``listen_fd`` is set by :func:`shared_server_class`."""
 
     listen_fd = -1
