@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import logging
 import os
 import select
@@ -286,6 +287,8 @@ def run(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # kill -USR1: every thread's stack on stderr, for a receiver that seems stuck
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     extra: list[subprocess.Popen[bytes]] = []
     listener = None
     if settings.receiver_processes > 1 and settings.receiver_index == 0:
