@@ -344,6 +344,11 @@ def _start_others(settings: Settings, listen_fd: int) -> list[subprocess.Popen[b
         if waiting:
             log.warning("receiver: %d of %d extra receiver process(es) did not start; "
                         "serving without them", waiting, len(procs))
+    except BaseException:  # none left running on the socket without the first process
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        raise
     finally:
         os.close(ready_r)
         if ready_w >= 0:
