@@ -340,8 +340,9 @@ class Spool:
                 return None  # archived meanwhile
             except Exception as rebuild_error:
                 raise exc from rebuild_error
-        if not self._seal(dcm, receipt.encode()):
-            write_durable(self.receipt_path(receipt_id), receipt.encode(), self.tmp)
+        encoded = receipt.encode()
+        if not self._seal(dcm, encoded):
+            write_durable(self.receipt_path(receipt_id), encoded, self.tmp)
         return receipt
 
     def rebuild_receipt(self, receipt_id: str) -> Receipt:

@@ -210,8 +210,7 @@ class Receiver:
 
 def start(settings: Settings, listen_fd: int | None = None) -> Receiver:
     """Start listening (non-blocking) with the publisher and the periodic sweeper. With
-    ``listen_fd`` (or the environment's :data:`LISTEN_FD_ENV`), serve that listening socket,
-    which other receiver processes share."""
+    ``listen_fd``, serve that listening socket, which other receiver processes share."""
     spool = Spool(settings.spool_dir)
     spool.ensure()
     spool.temp_files = TempFilePool(spool.tmp)
@@ -255,8 +254,6 @@ def start(settings: Settings, listen_fd: int | None = None) -> Receiver:
                      (evt.EVT_CONN_CLOSE, fastpath.on_closed)]
     ae = build_ae(settings)
     server: Any
-    if listen_fd is None and os.environ.get(LISTEN_FD_ENV):
-        listen_fd = int(os.environ[LISTEN_FD_ENV])
     if listen_fd is not None:
         server = ae.make_server((settings.host, settings.port), evt_handlers=handlers,
                                 ssl_context=tls_context(settings),
@@ -291,10 +288,12 @@ def run(settings: Settings) -> int:
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     extra: list[subprocess.Popen[bytes]] = []
     listener = None
+    listen_fd = int(os.environ[LISTEN_FD_ENV]) if os.environ.get(LISTEN_FD_ENV) else None
     if settings.receiver_processes > 1 and settings.receiver_index == 0:
         listener = listening_socket(settings.host, settings.port)
-        extra = _start_others(settings, listener.fileno())
-    receiver = start(settings, listener.fileno() if listener is not None else None)
+        listen_fd = listener.fileno()
+        extra = _start_others(settings, listen_fd)
+    receiver = start(settings, listen_fd)
     if ready := os.environ.get(READY_FD_ENV):
         with contextlib.suppress(OSError):
             os.write(int(ready), b"r")
