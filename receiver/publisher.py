@@ -36,13 +36,14 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import IO, Any
-
-from celery import Celery
+from typing import IO, TYPE_CHECKING, Any
 
 from ingest import logs
 from ingest.messages import ARCHIVE_TASK, QUEUE, MessageError, check_receipt_id
 from ingest.settings import Settings, environment
+
+if TYPE_CHECKING:  # the publisher process does without Celery: it starts sooner
+    from celery import Celery
 
 log = logging.getLogger("dicom_ingest.receiver")
 
@@ -72,13 +73,21 @@ class Publisher:
         self._fd = -1  # the write end of the child's stdin, non-blocking; -1: none
         self._lock = threading.Lock()  # guards _child and _fd
         self._readers: dict[int, threading.Thread] = {}  # failure readers by child pid
+        self._ready = threading.Event()  # the current child reads its pipe (or has ended)
         self.failures = 0  # ids the child could not publish
         self.restarts = 0  # times the child had to be started again
 
-    def start(self) -> None:
+    def start(self, ready_timeout: float = 30.0) -> None:
+        """Start the publisher process and wait until it reads its pipe (up to
+        ``ready_timeout``): its start-up then does not take CPU from the first associations.
+        Receipts handed over before it is ready wait in the pipe."""
         with self._lock:
             self._spawn()
+            ready = self._ready
         self._thread.start()
+        if not ready.wait(ready_timeout):
+            log.warning("publisher process not ready after %.0f s; receipts wait in its pipe",
+                        ready_timeout)
 
     def submit(self, receipt_id: str) -> None:
         line = f"{receipt_id}\n".encode()
@@ -133,18 +142,25 @@ class Publisher:
         child.stdin.close()
         os.set_blocking(self._fd, False)
         self._child = child
-        reader = threading.Thread(target=self._read_failures, args=(child.stdout,),
+        self._ready = threading.Event()
+        reader = threading.Thread(target=self._read_failures, args=(child.stdout, self._ready),
                                   name="publisher-failures", daemon=True)
         reader.start()
         self._readers[child.pid] = reader
 
-    def _read_failures(self, stdout: IO[bytes]) -> None:
-        with contextlib.suppress(OSError, ValueError):  # closed under it: the child is gone
-            self._count_failures(stdout)
+    def _read_failures(self, stdout: IO[bytes], ready: threading.Event) -> None:
+        try:
+            with contextlib.suppress(OSError, ValueError):  # closed under it: the child is gone
+                self._count_failures(stdout, ready)
+        finally:
+            ready.set()  # an ended child will not say it is ready: nobody waits for it
 
-    def _count_failures(self, stdout: IO[bytes]) -> None:
+    def _count_failures(self, stdout: IO[bytes], ready: threading.Event) -> None:
         for line in stdout:
             receipt_id = line.decode(errors="replace").strip()
+            if not receipt_id:  # the empty line the child writes once it reads its pipe
+                ready.set()
+                continue
             with self._lock:
                 self.failures += 1
             if self._on_failure is not None:
@@ -294,10 +310,10 @@ def _lines(fd: int) -> Any:
 
 
 def main() -> int:
-    """The publisher process: receipt ids on stdin, one per line; each one it could not
-    publish goes back on stdout. It ends at the end of its input (the receiver closed it or
-    died), after publishing what it read; the signals a terminal sends to the whole process
-    group leave it to the receiver to end it that way."""
+    """The publisher process: receipt ids on stdin, one per line; on stdout an empty line
+    once it reads them, then each one it could not publish. It ends at the end of its input
+    (the receiver closed it or died), after publishing what it read; the signals a terminal
+    sends to the whole process group leave it to the receiver to end it that way."""
     from ingest.settings import from_env
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -305,6 +321,8 @@ def main() -> int:
     settings = from_env()
     logs.configure(settings.log_format, settings.log_level)
     writer = QueueWriter(settings)
+    sys.stdout.write("\n")  # ready
+    sys.stdout.flush()
     try:
         for batch in _lines(sys.stdin.fileno()):
             good = []

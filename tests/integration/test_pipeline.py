@@ -164,6 +164,36 @@ def test_the_publisher_writes_what_celery_writes_and_a_worker_takes_it(
     assert len([p for p in Path(settings.archive_url).rglob("*.dcm")]) == 3
 
 
+def test_the_publisher_process_is_ready_when_start_returns(
+    tmp_path: Path, settings: Settings, redis_url: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Publisher.start() waits until its process reads the pipe (its start-up would
+    otherwise take CPU from the first associations); a receipt handed over then is queued."""
+    import logging
+
+    import redis
+
+    from ingest.messages import QUEUE
+    from receiver.publisher import Publisher
+
+    settings = settings.replace(redis_url=redis_url)
+    publisher = Publisher(settings)
+    with caplog.at_level(logging.WARNING, logger="dicom_ingest"):
+        publisher.start(ready_timeout=60)
+    try:
+        assert "not ready" not in caplog.text
+        assert publisher._child is not None and publisher._child.poll() is None
+        assert publisher._ready.is_set()
+        client = redis.Redis.from_url(redis_url)
+        client.delete(QUEUE)
+        publisher.submit("20261128T070000-" + "a" * 16)
+        wait_for(lambda: client.llen(QUEUE) == 1, 30, what="the task on the queue")
+        client.close()
+    finally:
+        publisher.stop()
+    assert publisher.failures == 0
+
+
 def test_enqueue_failure_still_acks_and_the_sweeper_recovers(
     tmp_path: Path, settings: Settings, redis_url: str, start_receiver: Any,
     start_worker: Any,
