@@ -9,21 +9,18 @@ loaded machine), the thread takes the answer, logs "Received unexpected C-STORE 
 message" and drops it. The call waits out its DIMSE timeout and reports no status, although
 the peer stored the instance and answered Success.
 
-That happened against DCMTK's storescp as well as against our receiver (about one C-STORE in
-a thousand with two busy threads in the sending process), so it is the sender's, not the
+That happened against DCMTK's storescp as well as against our receiver (one C-STORE in 1000,
+then one in 2000, with two busy threads in the sending process), so it is the sender's, not the
 receiver's. :func:`hold_responses` puts such an answer back on the queue the call reads, as
 long as a call is waiting for one.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
-
-log = logging.getLogger("dicom_ingest.scu")
 
 
 def hold_responses(assoc: Association) -> Association:
