@@ -12,3 +12,38 @@ def test_a_deep_copy_of_the_supported_contexts_shares_them() -> None:
     assert type(copied) is list and copied == list(contexts)
     assert all(a is b for a, b in zip(copied, contexts, strict=True))
     assert len(copied) == 171  # every storage SOP class pynetdicom knows, and Verification
+
+
+def test_a_shared_socket_server_counts_the_connections_it_holds_open() -> None:
+    """What a receiver process weighs before it accepts (the idler process should take a new
+    association): the connections it accepted that are still open, from the accept on."""
+    import socket
+
+    import pytest
+
+    from receiver.scp import listening_socket, shared_server_class
+
+    listener = listening_socket("127.0.0.1", 0)
+    port = listener.getsockname()[1]
+    ae = build_ae(Settings())
+    server = ae.make_server(("127.0.0.1", port), evt_handlers=[],
+                            server_class=shared_server_class(listener.fileno()))
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+    try:
+        assert server._serving() == 0
+        first, _ = server.get_request()
+        assert server._serving() == 1  # before any association thread could exist
+        second, _ = server.get_request()
+        assert server._serving() == 2
+        with pytest.raises(BlockingIOError):  # nothing waiting (another process took it)
+            server.get_request()
+        assert server._serving() == 2
+        first.close()  # the association ended
+        assert server._serving() == 1
+        second.close()
+        assert server._serving() == 0
+    finally:
+        for client in clients:
+            client.close()
+        server.server_close()
+        listener.close()
