@@ -71,7 +71,7 @@ LISTEN_FD_ENV = "DICOM_INGEST_LISTEN_FD"
 #: and the one that gives them the pipe on which they say they are ready
 READY_FD_ENV = "DICOM_INGEST_READY_FD"
 _START_TIMEOUT = 120.0  # seconds the first process waits for the others to start
-# A process serving associations already waits this long per association (at most
+# A process holding connections open already waits this long per connection (at most
 # _MAX_DEFER) before it accepts a new one, so that an idler process takes it first.
 _DEFER_PER_ASSOCIATION = 0.001
 _MAX_DEFER = 0.01
@@ -88,8 +88,8 @@ def listening_socket(host: str, port: int) -> socket.socket:
 class SharedSocketServer(ThreadedAssociationServer):
     """An association server on a listening socket that several receiver processes share
     (``INGEST_RECEIVER_PROCESSES``). Every process waits for connections on it; the first
-    to accept one serves it. A process that serves associations already accepts a little
-    later (1 ms per association, at most 10 ms), so new associations go to the least busy
+    to accept one serves it. A process that holds connections open already accepts a little
+    later (1 ms per connection, at most 10 ms), so new associations go to the least busy
     process. (With SO_REUSEPORT, used before, the kernel picked a process by a hash of the
     addresses: four associations split 2 to 2 over two processes only 3 times in 8.)
     ``listen_fd`` is set by :func:`shared_server_class`."""
@@ -121,7 +121,7 @@ class SharedSocketServer(ThreadedAssociationServer):
         """Connections this process accepted that are still open. Counted from the accept
         on: an association's own thread starts a little later, and in a burst of
         connections a count of those threads still said 0 when this process took the next
-        one (four associations split 3 to 1 or 4 to 0 as often as 2 to 2)."""
+        one (four associations over two processes split 3 to 1 about as often as 2 to 2)."""
         self._accepted = [s for s in self._accepted if s.fileno() != -1]  # closed: -1
         return len(self._accepted)
 
