@@ -21,6 +21,7 @@ from tests.faults.test_faults import Stream, instances, key_of
 from tests.processes import start_pipeline
 from tests.support import (
     cli,
+    dataset_bytes,
     dcmtk,
     dcmtk_env,
     free_port,
@@ -152,15 +153,19 @@ def test_dicom_tls_with_client_certificates(tmp_path: Path, redis_url: str) -> N
     with start_pipeline(tmp_path, redis_url, tls_cert=str(pki["server.pem"]),
                         tls_key=str(pki["server.key"]), tls_ca=str(pki["ca.pem"])) as pipeline:
         files = instances(tmp_path / "in", 3)
-        assert tls_send(pipeline.port, files, pki, "client") == [statuses.SUCCESS] * 3
-        wait_for(lambda: len(objects_under(pipeline.archive)) == 3, 30, what="the archive")
+        # and one of 6 MB: many TLS records per PDU, decrypted data the socket cannot show
+        files += instances(tmp_path / "large", 1, size=6 * 2**20)
+        assert tls_send(pipeline.port, files, pki, "client") == [statuses.SUCCESS] * 4
+        wait_for(lambda: len(objects_under(pipeline.archive)) == 4, 30, what="the archive")
+        assert sorted(dataset_bytes(p) for p in objects_under(pipeline.archive).values()) == (
+            sorted(dataset_bytes(f) for f in files))
         # a certificate the CA did not sign gets no association
         assert tls_send(pipeline.port, files, pki, "other") == []
         # and a plain TCP client gets nothing either
         plain = run([dcmtk("echoscu"), "-aec", "DICOM-INGEST", "127.0.0.1",
                      str(pipeline.port)], env=dcmtk_env(), check=False)
         assert plain.returncode != 0
-        assert len(objects_under(pipeline.archive)) == 3
+        assert len(objects_under(pipeline.archive)) == 4
 
 
 def test_sigterm_lets_the_association_finish(tmp_path: Path, redis_url: str) -> None:
