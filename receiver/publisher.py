@@ -52,10 +52,11 @@ _RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, 
 _BATCH = 256  # ids written to the child in one go
 
 
-def publish(app: Celery, receipt_id: str, producer: Any = None) -> None:
-    """Send one archive task; raises when the broker cannot take it."""
+def publish(app: Celery, receipt_id: str) -> None:
+    """Send one archive task with Celery (the sweeper, replay); raises when the broker
+    cannot take it."""
     app.send_task(ARCHIVE_TASK, args=[receipt_id], queue=QUEUE, retry=True,
-                  retry_policy=_RETRY_POLICY, producer=producer)
+                  retry_policy=_RETRY_POLICY)
 
 
 class Publisher:

@@ -73,7 +73,7 @@ READY_FD_ENV = "DICOM_INGEST_READY_FD"
 _START_TIMEOUT = 120.0  # seconds the first process waits for the others to start
 # A process holding connections open already waits this long per connection (at most
 # _MAX_DEFER) before it accepts a new one, so that an idler process takes it first.
-_DEFER_PER_ASSOCIATION = 0.001
+_DEFER_PER_CONNECTION = 0.001
 _MAX_DEFER = 0.01
 
 
@@ -112,7 +112,7 @@ class SharedSocketServer(ThreadedAssociationServer):
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         busy = self._serving()
         if busy:
-            time.sleep(min(busy * _DEFER_PER_ASSOCIATION, _MAX_DEFER))
+            time.sleep(min(busy * _DEFER_PER_CONNECTION, _MAX_DEFER))
         request, address = super().get_request()  # BlockingIOError if another process took it
         self._accepted.append(request)
         return request, address
