@@ -79,18 +79,44 @@ def settle() -> None:
     os.sync()
 
 
-def throughput(server: Server, files: list[Path], associations: int) -> float:
-    """Wall-clock instances per second for ``files`` over ``associations`` parallel ones."""
+def cpu_ticks() -> tuple[int, int]:
+    """(busy, all) clock ticks of the whole machine so far, over every core (/proc/stat);
+    (0, 0) where there is no /proc/stat."""
+    try:
+        with open("/proc/stat") as fh:
+            values = [int(v) for v in fh.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return 0, 0
+    idle = values[3] + values[4]  # idle, iowait
+    return sum(values) - idle, sum(values)
+
+
+@dataclass
+class Run:
+    rate: float  # instances per second, wall clock
+    cpu_ms: float  # the whole machine's busy CPU time per instance (ms): senders, receiver,
+    # the kernel's threads (writeback) and whatever else ran meanwhile
+    busy: float  # the fraction of all cores' time that was busy
+
+
+def throughput(server: Server, files: list[Path], associations: int) -> Run:
+    """Instances per second for ``files`` over ``associations`` parallel ones, and what
+    the machine spent on them."""
     chunks = [files[i::associations] for i in range(associations)]
     threads = [threading.Thread(target=storescu, args=(server.port, server.ae_title, c))
                for c in chunks]
     settle()
+    busy0, all0 = cpu_ticks()
     started = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return len(files) / (time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    busy1, all1 = cpu_ticks()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return Run(len(files) / elapsed, 1000 * (busy1 - busy0) / ticks / len(files),
+               (busy1 - busy0) / max(1, all1 - all0))
 
 
 def durable_floor(folder: Path, size: int, count: int, threads: int) -> tuple[float, float]:
@@ -279,6 +305,7 @@ def receive(report: Report, work: Path, redis: Any, ct: list[Path], small: list[
     print(f"receive throughput, {rounds} rounds taking turns (no workers running for ours)",
           flush=True)
     rates: dict[tuple[str, str], list[float]] = {}
+    cpu: dict[tuple[str, str], list[Run]] = {}  # the same runs' CPU
     sync_ms: list[float] = []  # from the fsync on, per file, one thread
     round_trips: dict[str, list[float]] = {}  # C-STORE round trips (ms) of all rounds
     setups: dict[str, list[float]] = {}
@@ -295,11 +322,14 @@ def receive(report: Report, work: Path, redis: Any, ct: list[Path], small: list[
             for m, (label, files, assocs) in enumerate(tests):
                 server = run_server(name, cls, f"rx{r}-{n}-{m}")
                 try:
-                    rate = throughput(server, files, assocs)
+                    run = throughput(server, files, assocs)
                 finally:
                     server.stop()
-                rates.setdefault((name, label), []).append(rate)
-                print(f"  round {r + 1}: {label:26} {name:30} {rate:8.1f} inst/s", flush=True)
+                rates.setdefault((name, label), []).append(run.rate)
+                cpu.setdefault((name, label), []).append(run)
+                print(f"  round {r + 1}: {label:26} {name:30} {run.rate:8.1f} inst/s, "
+                      f"machine {run.cpu_ms:.2f} ms CPU/inst, {100 * run.busy:.0f}% busy",
+                      flush=True)
             server = run_server(name, cls, f"lat{r}-{n}")
             try:
                 round_trips.setdefault(name, []).extend(latencies(server, ct[:200]))
@@ -336,6 +366,17 @@ def receive(report: Report, work: Path, redis: Any, ct: list[Path], small: list[
             report.add(Row(key, name, rate, "inst/s", ratio, spread))
             mb = rate * files[0].stat().st_size / 1e6
             report.add(Row(f"{label} (MB/s)", name, mb, "MB/s", ratio))
+            runs_cpu = cpu[(name, label)]
+            if any(run.cpu_ms for run in runs_cpu):
+                key = f"{label}: machine CPU per instance (ms)"
+                spent = statistics.median(run.cpu_ms for run in runs_cpu)
+                busy = statistics.median(run.busy for run in runs_cpu)
+                if cls is Storescp:
+                    base[key] = spent
+                report.add(Row(key, name, spent, "ms", spent / base[key]
+                               if cls is not Storescp else None,
+                               f"all {os.cpu_count()} cores, senders and kernel included; "
+                               f"{100 * busy:.0f}% busy (medians of {len(runs_cpu)} rounds)"))
         times = sorted(round_trips[name])
         p50, p99 = statistics.median(times), times[min(len(times) - 1, int(len(times) * 0.99))]
         setup = statistics.median(setups[name])

@@ -50,6 +50,8 @@ log = logging.getLogger("dicom_ingest.receiver")
 _STOP = ""
 _RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0}
 _BATCH = 256  # ids written to the child in one go
+#: how long the child waits, once an id arrives, for more to push with it
+GATHER_SECONDS = 0.01
 
 
 def publish(app: Celery, receipt_id: str) -> None:
@@ -296,12 +298,27 @@ class QueueWriter:
         self._redis.close()
 
 
-def _lines(fd: int) -> Any:
-    """Receipt ids from ``fd`` in batches: each read takes all the complete lines that are
-    there (at least one), until the end of input."""
+def _lines(fd: int, gather: float = 0.0, most: int = _BATCH) -> Any:
+    """Receipt ids from ``fd`` in batches, until the end of input. A batch is what has
+    arrived, and once something has, what else arrives within ``gather`` seconds (up to
+    ``most`` lines): one LPUSH of a few tasks costs about what one of a single task does."""
     pending = b""
-    while chunk := os.read(fd, 65536):
+    ended = False
+    while not ended:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
         pending += chunk
+        deadline = time.monotonic() + gather
+        while pending.count(b"\n") < most:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                break
+            more = os.read(fd, 65536)
+            if not more:
+                ended = True
+                break
+            pending += more
         *complete, pending = pending.split(b"\n")
         ids = [line.decode(errors="replace").strip() for line in complete]
         if ids := [rid for rid in ids if rid]:
@@ -325,7 +342,7 @@ def main() -> int:
     sys.stdout.write("\n")  # ready
     sys.stdout.flush()
     try:
-        for batch in _lines(sys.stdin.fileno()):
+        for batch in _lines(sys.stdin.fileno(), GATHER_SECONDS):
             good = []
             for receipt_id in batch:
                 try:
