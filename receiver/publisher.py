@@ -52,6 +52,7 @@ _RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, 
 _BATCH = 256  # ids written to the child in one go
 #: how long the child waits, once an id arrives, for more to push with it
 GATHER_SECONDS = 0.01
+_GATHER_MOST = 256  # ids after which the child stops waiting for more
 
 
 def publish(app: Celery, receipt_id: str) -> None:
@@ -298,7 +299,7 @@ class QueueWriter:
         self._redis.close()
 
 
-def _lines(fd: int, gather: float = 0.0, most: int = _BATCH) -> Any:
+def _lines(fd: int, gather: float = 0.0, most: int = _GATHER_MOST) -> Any:
     """Receipt ids from ``fd`` in batches, until the end of input. A batch is what has
     arrived, and once something has, what else arrives within ``gather`` seconds (up to
     ``most`` lines): one LPUSH of a few tasks costs about what one of a single task does."""
