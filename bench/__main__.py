@@ -36,7 +36,7 @@ from bench.servers import (
     receiver_pids,
     wait_port,
 )
-from ingest.scu import hold_responses
+from ingest.scu import associate
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -168,7 +168,7 @@ def latencies(server: Server, files: list[Path]) -> list[float]:
     _config.STORE_SEND_CHUNKED_DATASET = True
     ae = AE(ae_title="BENCH")
     ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
-    assoc = hold_responses(ae.associate("127.0.0.1", server.port, ae_title=server.ae_title))
+    assoc = associate(ae, "127.0.0.1", server.port, ae_title=server.ae_title)
     assert assoc.is_established
     # pynetdicom leaves Nagle's algorithm on: against a receiver that announces 16 KB PDUs
     # (DCMTK, Orthanc) each C-STORE then stalled about 40 ms on the delayed ACK of a
@@ -208,7 +208,7 @@ def association_setup(server: Server, rounds: int = 30) -> list[float]:
     times = []
     for _ in range(rounds):
         started = time.perf_counter()
-        assoc = hold_responses(ae.associate("127.0.0.1", server.port, ae_title=server.ae_title))
+        assoc = associate(ae, "127.0.0.1", server.port, ae_title=server.ae_title)
         assert assoc.is_established
         assert int(assoc.send_c_echo().Status) == 0
         assoc.release()

@@ -12,7 +12,7 @@ the peer stored the instance and answered Success.
 That happened against DCMTK's storescp as well as against our receiver (one C-STORE in 1000,
 then one in 2000, with two busy threads in the sending process), so it is the sender's, not the
 receiver's. :func:`hold_responses` puts such an answer back on the queue the call reads, as
-long as a call is waiting for one.
+long as a call is waiting for one; :func:`associate` opens an association with it in place.
 """
 
 from __future__ import annotations
@@ -20,7 +20,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from pynetdicom import AE
     from pynetdicom.association import Association
+
+
+def associate(ae: AE, *args: Any, **kwargs: Any) -> Association:
+    """``ae.associate(*args, **kwargs)``, its responses held (:func:`hold_responses`): how
+    every sender of this project opens an association."""
+    return hold_responses(ae.associate(*args, **kwargs))
 
 
 def hold_responses(assoc: Association) -> Association:

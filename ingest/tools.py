@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from ingest.broker import make_celery, queue_length
-from ingest.scu import hold_responses
+from ingest.scu import associate
 from ingest.settings import Settings, redact_url
 from ingest.spool import Spool
 
@@ -42,7 +42,7 @@ def echo(settings: Settings, host: str, calling: str = "INGEST-ECHO") -> int:
     ae = AE(ae_title=calling)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
     ae.add_requested_context("1.2.840.10008.1.1")
-    assoc = hold_responses(ae.associate(host, settings.port, ae_title=settings.ae_title))
+    assoc = associate(ae, host, settings.port, ae_title=settings.ae_title)
     if not assoc.is_established:
         print(f"dicom-ingest: no association with {settings.ae_title} at {host}:{settings.port}",
               file=sys.stderr)

@@ -22,7 +22,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from ingest.scu import hold_responses
+from ingest.scu import associate
 
 T = TypeVar("T")
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -263,7 +263,7 @@ def pynetdicom_send(port: int, files: Iterable[Path], calling: str = "PYNETDICOM
         contexts.add((str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
     for sop_class, ts in sorted(contexts):
         ae.add_requested_context(sop_class, ts)
-    assoc = hold_responses(ae.associate("127.0.0.1", port, ae_title=called))
+    assoc = associate(ae, "127.0.0.1", port, ae_title=called)
     assert assoc.is_established, "association was not established"
     statuses: list[int | None] = []
     try:

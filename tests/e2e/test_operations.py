@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ingest.scu import hold_responses
+from ingest.scu import associate
 from receiver import statuses
 from tests.faults.test_faults import Stream, instances, key_of
 from tests.processes import start_pipeline
@@ -139,8 +139,8 @@ def tls_send(port: int, files: list[Path], pki: dict[str, Path], cert: str) -> l
     context.load_cert_chain(str(pki[f"{cert}.pem"]), str(pki[f"{cert}.key"]))
     ae = AE(ae_title="TLSCLIENT")
     ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
-    assoc = hold_responses(ae.associate("127.0.0.1", port, ae_title="DICOM-INGEST",
-                         tls_args=(context, "127.0.0.1")))
+    assoc = associate(ae, "127.0.0.1", port, ae_title="DICOM-INGEST",
+                      tls_args=(context, "127.0.0.1"))
     if not assoc.is_established:
         return []
     out = [int(assoc.send_c_store(p).Status) for p in files]

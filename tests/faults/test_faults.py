@@ -18,7 +18,7 @@ import pydicom
 import pytest
 
 from ingest.keys import instance_key
-from ingest.scu import hold_responses
+from ingest.scu import associate
 from ingest.spool import in_use
 from receiver import statuses
 from tests.processes import Pipeline
@@ -50,7 +50,7 @@ class Stream:
         try:
             ae = AE(ae_title="FAULTS")
             ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
-            assoc = hold_responses(ae.associate("127.0.0.1", self.port, ae_title="DICOM-INGEST"))
+            assoc = associate(ae, "127.0.0.1", self.port, ae_title="DICOM-INGEST")
             for path in self.files:
                 if not assoc.is_established:
                     break

@@ -14,7 +14,7 @@ from typing import Any
 import pydicom
 import pytest
 
-from ingest.scu import hold_responses
+from ingest.scu import associate
 from ingest.settings import Settings
 from ingest.spool import Spool
 from receiver import statuses
@@ -82,7 +82,7 @@ def test_echo_between_stores_on_one_association(tmp_path: Path, settings: Settin
     ae = AE(ae_title="MIXED")
     ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
     ae.add_requested_context("1.2.840.10008.1.1")
-    assoc = hold_responses(ae.associate("127.0.0.1", receiver.port, ae_title="DICOM-INGEST"))
+    assoc = associate(ae, "127.0.0.1", receiver.port, ae_title="DICOM-INGEST")
     assert assoc.is_established
     seen = []
     try:
@@ -134,7 +134,7 @@ def test_malformed_data_aborts_the_association_and_nothing_is_kept(
     receiver = start_receiver(settings)
     ae = AE(ae_title="HOSTILE")
     ae.add_requested_context(CT_UID.decode(), "1.2.840.10008.1.2.1")
-    assoc = hold_responses(ae.associate("127.0.0.1", receiver.port, ae_title="DICOM-INGEST"))
+    assoc = associate(ae, "127.0.0.1", receiver.port, ae_title="DICOM-INGEST")
     assert assoc.is_established
     assoc.dul.socket.send(raw)
     wait_for(lambda: assoc.is_aborted, 10, what="the receiver's A-ABORT")
@@ -159,7 +159,7 @@ def test_a_dataset_that_streams_longer_than_the_network_timeout_is_received(
     receiver.server.ae.network_timeout = 1.0  # for the associations accepted from now on
     ae = AE(ae_title="SLOW")
     ae.add_requested_context(CT_UID.decode(), "1.2.840.10008.1.2.1")
-    assoc = hold_responses(ae.associate("127.0.0.1", receiver.port, ae_title="DICOM-INGEST"))
+    assoc = associate(ae, "127.0.0.1", receiver.port, ae_title="DICOM-INGEST")
     assert assoc.is_established
     try:
         assoc.dul.socket.send(_p_data(1, 0x03, _store_command(b"1.2.826.0.1.3680043.8.498.1\0")))
