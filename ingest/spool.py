@@ -27,6 +27,7 @@ import os
 import secrets
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,9 @@ from typing import Any
 
 from ingest.messages import check_receipt_id
 
-RECEIPT_VERSION = 1
+#: 2: the receiver takes a CRC-32 (``crc32``) and leaves ``sha256`` to the workers; 1: it
+#: took the sha256 itself (such receipts are still read and checked by their sha256)
+RECEIPT_VERSION = 2
 
 log = logging.getLogger("dicom_ingest.spool")
 
@@ -57,7 +60,12 @@ class Receipt:
     transfer_syntax: str  # the negotiated one
     size: int  # bytes of the Part 10 file in the spool
     dataset_offset: int  # where the sender's bytes start in that file
-    sha256: str  # of the whole Part 10 file
+    #: of the whole Part 10 file, where it was taken before the worker (receipts of version
+    #: 1, replays, rebuilt receipts); "" when the worker is to take it
+    sha256: str
+    #: CRC-32 (zlib's, 8 hex digits) of the whole Part 10 file as the receiver wrote it: the
+    #: worker checks the spooled file against it before it takes the sha256
+    crc32: str = ""
     version: int = RECEIPT_VERSION
 
     def encode(self) -> bytes:
@@ -90,12 +98,45 @@ def receipt_time(receipt_id: str) -> float:
 
 def file_digest(path: Path, chunk: int = 1 << 20) -> tuple[int, str]:
     """(size, sha256 hex) of a file, read in chunks."""
-    digest, size = hashlib.sha256(), 0
+    size, sha256, _ = file_digests(path, chunk, crc=False)
+    return size, sha256
+
+
+def file_digests(path: Path, chunk: int = 1 << 20, crc: bool = True) -> tuple[int, str, str]:
+    """(size, sha256 hex, CRC-32 hex) of a file in one read; the CRC is "" unless ``crc``."""
+    digest, size, crc32 = hashlib.sha256(), 0, 0
     with open(path, "rb") as fh:
         while data := fh.read(chunk):
             digest.update(data)
+            if crc:
+                crc32 = zlib.crc32(data, crc32)
             size += len(data)
-    return size, digest.hexdigest()
+    return size, digest.hexdigest(), crc32_hex(crc32) if crc else ""
+
+
+def crc32_hex(value: int) -> str:
+    """A receipt's spelling of a CRC-32: 8 lowercase hex digits."""
+    return f"{value & 0xFFFFFFFF:08x}"
+
+
+class Crc32:
+    """A running CRC-32 with the two methods of a hashlib object that the receiver uses.
+
+    The receiver checksums what it writes with this rather than sha256: on CPUs without the
+    SHA extensions (Intel Xeons before Ice Lake; the development VM) sha256 cost 1.6 ms of CPU
+    for 512 KB, the CRC 0.25 ms. The workers, which scale out, take the sha256 as they check
+    the file against this CRC. zlib lets other threads run while it sums a large buffer."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+    def hexdigest(self) -> str:
+        return crc32_hex(self.value)
 
 
 def fsync_dir(path: Path) -> None:
@@ -348,13 +389,13 @@ class Spool:
     def rebuild_receipt(self, receipt_id: str) -> Receipt:
         """A receipt made from the entry's Part 10 file: the File Meta the receiver wrote
         names the request's UIDs, the negotiated transfer syntax and both AE titles; the
-        receipt id the receive time. The sha256 is taken now, so it proves only that the
+        receipt id the receive time. The checksums are taken now, so they prove only that the
         file does not change from here on; the peer address is lost."""
         import pydicom
 
         path = self.dcm_path(receipt_id)
         meta = pydicom.filereader.read_file_meta_info(path)
-        size, sha256 = file_digest(path)
+        size, sha256, crc32 = file_digests(path)
 
         def text(keyword: str) -> str:
             return str(meta.get(keyword, "")).strip("\0 ")
@@ -371,6 +412,7 @@ class Spool:
             size=size,
             dataset_offset=132 + 12 + int(meta.FileMetaInformationGroupLength),
             sha256=sha256,
+            crc32=crc32,
         )
         log.warning("receipt %s was unreadable (a crash before it reached the disk); rebuilt "
                     "from its file", receipt_id)

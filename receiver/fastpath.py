@@ -194,7 +194,7 @@ class _Store:
     def received(self) -> Received:
         self.stream.finish()  # raises the first write error, if the disk failed meanwhile
         return Received(Path(self.stream.name), self.stream.size,
-                        self.stream.digest.hexdigest(), self.meta_length, self.stream.fd)
+                        self.stream.crc.hexdigest(), self.meta_length, self.stream.fd)
 
     def discard(self) -> None:
         self.stream.close()

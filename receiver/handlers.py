@@ -10,7 +10,6 @@ Handlers are plain functions; what they need arrives as the extra argument of th
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import struct
 import time
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
-from ingest.spool import Receipt, Spool, new_receipt_id
+from ingest.spool import Crc32, Receipt, Spool, new_receipt_id
 from receiver import statuses
 from receiver.metrics import ReceiverMetrics
 from receiver.streams import SpoolTempFile
@@ -56,7 +55,7 @@ class Received(NamedTuple):
 
     path: Path
     size: int
-    sha256: str
+    crc32: str  # of the whole file, as :func:`ingest.spool.crc32_hex` spells it
     dataset_offset: int
     fd: int = -1  # the file still open, for the commit's fsync; -1: the commit opens it
 
@@ -122,7 +121,7 @@ def store(ctx: StoreContext, arrival: Arrival,
         refusal = ctx.gate.refusal()
         if refusal is not None:
             raise SpoolFull(refusal)
-        path, size, sha256, offset, fd = received()
+        path, size, crc32, offset, fd = received()
         receipt = Receipt(
             receipt_id=new_receipt_id(),
             calling_aet=arrival.calling,
@@ -134,7 +133,8 @@ def store(ctx: StoreContext, arrival: Arrival,
             transfer_syntax=arrival.transfer_syntax,
             size=size,
             dataset_offset=offset,
-            sha256=sha256,
+            sha256="",  # the worker takes it as it checks the file against the CRC
+            crc32=crc32,
         )
         ctx.spool.commit(path, receipt, fd)
         ctx.gate.stored()
@@ -180,25 +180,25 @@ def _received(event: Any, stream: Any) -> Received:
     path: Path = event.dataset_path
     if isinstance(stream, SpoolTempFile):
         stream.finish()  # raises if the spool's disk failed while the dataset arrived
-        return Received(path, stream.size, stream.digest.hexdigest(),
+        return Received(path, stream.size, stream.crc.hexdigest(),
                         _dataset_offset(stream.head), stream.fd)
     if stream is not None:  # not streamed through our file (pynetdicom changed): read it back
         stream.flush()
-    return Received(path, *_hash(path))
+    return Received(path, *_checksum(path))
 
 
-def _hash(path: Path) -> tuple[int, str, int]:
-    """Size, sha256 and dataset offset of the received file."""
-    digest = hashlib.sha256()
+def _checksum(path: Path) -> tuple[int, str, int]:
+    """Size, CRC-32 and dataset offset of the received file."""
+    crc = Crc32()
     size = 0
     with open(path, "rb") as fh:
         head = fh.read(_CHUNK)
         offset = _dataset_offset(head)
         while head:
-            digest.update(head)
+            crc.update(head)
             size += len(head)
             head = fh.read(_CHUNK)
-    return size, digest.hexdigest(), offset
+    return size, crc.hexdigest(), offset
 
 
 def _dataset_offset(head: bytes) -> int:

@@ -16,7 +16,6 @@ import contextlib
 import ctypes
 import errno
 import fcntl
-import hashlib
 import mmap
 import os
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from typing import Any, cast
 
 import pynetdicom.dimse_messages
 
-from ingest.spool import TempFile, create_temp
+from ingest.spool import Crc32, TempFile, create_temp
 
 WRITEBACK_STEP = 256 * 1024
 _SYNC_FILE_RANGE_WRITE = 2
@@ -106,7 +105,8 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
 
 class SpoolTempFile:
     """The part of a ``NamedTemporaryFile`` that pynetdicom uses, tolerant of write errors.
-    It hashes what passes through, so the handler need not read the file back.
+    It takes the CRC-32 of what passes through (the receipt's checksum, see
+    :class:`ingest.spool.Crc32`), so the handler need not read the file back.
 
     Where the filesystem allows it the file is written with direct I/O: the bytes are
     gathered in a reused, page-aligned buffer and go from there to the disk in whole blocks
@@ -127,7 +127,7 @@ class SpoolTempFile:
         self.name = temp.path
         self.file = self  # pynetdicom calls ``.file.flush()``
         self.error: OSError | None = None
-        self.digest = hashlib.sha256()
+        self.crc = Crc32()
         self.size = 0
         self.head = b""
         self._kicked = 0  # bytes handed to start_writeback so far (buffered mode)
@@ -150,7 +150,7 @@ class SpoolTempFile:
         stream.name, stream._fh, stream._fd, stream._staging = "", None, -1, None
         stream.direct = False
         stream.file = stream
-        stream.error, stream.digest, stream.size, stream.head = error, hashlib.sha256(), 0, b""
+        stream.error, stream.crc, stream.size, stream.head = error, Crc32(), 0, b""
         stream._kicked = stream._staged = stream._written = 0
         return stream
 
@@ -164,7 +164,7 @@ class SpoolTempFile:
             except OSError as exc:
                 self.error = exc
                 return len(data)
-            self.digest.update(data)  # hashlib lets other threads run on large buffers
+            self.crc.update(data)  # zlib lets other threads run on large buffers
             self.size += len(data)
             if len(self.head) < self.HEAD:
                 self.head += bytes(data[: self.HEAD - len(self.head)])

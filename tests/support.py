@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import warnings
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -112,6 +113,11 @@ def dataset_bytes(path: Path) -> bytes:
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def crc32(data: bytes) -> str:
+    """A CRC-32 as receipts spell it, computed here independently of the project's code."""
+    return format(zlib.crc32(data), "08x")
 
 
 def corpus_source(name: str) -> Path:
@@ -296,8 +302,10 @@ def objects_under(root: Path) -> dict[str, Path]:
 
 
 
-def spool_entry(spool: Any, part10: bytes, calling: str = "TEST") -> Any:
-    """Commit a Part 10 file to ``spool`` as the receiver would; returns its Receipt."""
+def spool_entry(spool: Any, part10: bytes, calling: str = "TEST", legacy: bool = False) -> Any:
+    """Commit a Part 10 file to ``spool`` as the receiver would (a receipt with the file's
+    CRC-32; ``legacy``: with its sha256 instead, as receivers before receipt version 2
+    wrote them); returns its Receipt."""
     import time as _time
 
     from ingest.spool import Receipt, new_receipt_id
@@ -312,7 +320,8 @@ def spool_entry(spool: Any, part10: bytes, calling: str = "TEST") -> Any:
         sop_class_uid=str(meta.MediaStorageSOPClassUID),
         sop_instance_uid=str(meta.MediaStorageSOPInstanceUID),
         transfer_syntax=str(meta.TransferSyntaxUID), size=len(part10),
-        dataset_offset=len(meta_bytes), sha256=sha256(part10))
+        dataset_offset=len(meta_bytes), sha256=sha256(part10) if legacy else "",
+        crc32="" if legacy else crc32(part10), version=1 if legacy else 2)
     spool.commit(tmp, receipt)
     return receipt
 

@@ -78,9 +78,10 @@ class Pipeline:
         key = instance_key(
             self.prefix, instance.study_uid, instance.series_uid, instance.sop_instance_uid
         )
+        sha256 = instance.sha256  # inspect() checked the file against the receipt
         existing = self.archive.head(key)
         if existing is not None:
-            if existing.sha256 == receipt.sha256 and existing.size == receipt.size:
+            if existing.sha256 == sha256 and existing.size == receipt.size:
                 log.info("already archived receipt=%s key=%s", receipt.receipt_id, key)
                 return Outcome.ALREADY_ARCHIVED
             if self.duplicate_policy == "reject":
@@ -101,10 +102,10 @@ class Pipeline:
             key,
             self.spool.dcm_path(receipt.receipt_id),
             receipt.size,
-            receipt.sha256,  # inspect() checked the file against it
+            sha256,
             _metadata(receipt),
         )
-        _verify(stored, receipt.size, receipt.sha256)
+        _verify(stored, receipt.size, sha256)
         log.info(
             "archived receipt=%s sop=%s calling=%s key=%s bytes=%d",
             receipt.receipt_id,

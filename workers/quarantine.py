@@ -11,7 +11,7 @@ from typing import Any
 
 from ingest.keys import normalize_prefix, quarantine_keys
 from ingest.messages import MessageError, check_receipt_id
-from ingest.spool import Receipt, Spool, SpoolError, file_digest
+from ingest.spool import Receipt, Spool, SpoolError, file_digests
 from workers.archive import Archive
 
 log = logging.getLogger("dicom_ingest.quarantine")
@@ -62,10 +62,10 @@ def replay(archive: Archive, prefix: str, spool: Spool, receipt_id: str,
         raise MessageError(f"{receipt_id} is already in the spool")
     tmp = spool.tmp / f"replay-{receipt_id}.dcm"
     archive.download(data_key, tmp)
-    size, sha256 = file_digest(tmp)
+    size, sha256, crc32 = file_digests(tmp)
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
-    spool.commit(tmp, replace(receipt, size=size, sha256=sha256))
+    spool.commit(tmp, replace(receipt, size=size, sha256=sha256, crc32=crc32))
     archive.delete(data_key)
     archive.delete(reason_key)
     enqueue(receipt_id)

@@ -14,7 +14,7 @@ import pydicom
 from pydicom.dataelem import RawDataElement
 
 from ingest.keys import is_safe_uid
-from ingest.spool import Receipt, file_digest
+from ingest.spool import Receipt, file_digests
 from workers import errors
 from workers.errors import PermanentError
 from workers.structure import StructureError, check_structure
@@ -38,11 +38,12 @@ class Instance:
     sop_instance_uid: str
     sop_class_uid: str
     transfer_syntax: str
+    sha256: str  # of the spooled Part 10 file, checked against the receipt's checksums
 
 
 def inspect(path: Path, receipt: Receipt) -> Instance:
     """Check the spooled file against its receipt and the DICOM rules; raise PermanentError."""
-    _check_digest(path, receipt)
+    sha256 = _check_digest(path, receipt)
     meta_ts = _check_structure(path, receipt)
     dataset = _decode(path)
     uids: dict[str, str] = {}
@@ -74,15 +75,26 @@ def inspect(path: Path, receipt: Receipt) -> Instance:
         sop_instance_uid=uids["SOPInstanceUID"],
         sop_class_uid=uids["SOPClassUID"],
         transfer_syntax=meta_ts,
+        sha256=sha256,
     )
 
 
-def _check_digest(path: Path, receipt: Receipt) -> None:
-    if file_digest(path) != (receipt.size, receipt.sha256):
+def _check_digest(path: Path, receipt: Receipt) -> str:
+    """The file's sha256, once its size and the checksums its receipt carries match."""
+    size, sha256, crc32 = file_digests(path, crc=bool(receipt.crc32))
+    taken = [(name, mine, theirs) for name, mine, theirs in
+             (("CRC-32", crc32, receipt.crc32), ("sha256", sha256, receipt.sha256)) if theirs]
+    if not taken:
+        raise PermanentError(errors.CHECKSUM_MISMATCH, "the receipt carries no checksum")
+    wrong = [name for name, mine, theirs in taken if mine != theirs]
+    if size != receipt.size or wrong:
+        what = f"{size} bytes, not {receipt.size}" if size != receipt.size else \
+            f"its {' and '.join(wrong)} differs"
         raise PermanentError(
             errors.CHECKSUM_MISMATCH,
-            "the spooled file no longer matches the sha256 taken at receipt",
+            f"the spooled file no longer matches what was taken at receipt ({what})",
         )
+    return sha256
 
 
 def _check_structure(path: Path, receipt: Receipt) -> str:

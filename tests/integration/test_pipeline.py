@@ -306,12 +306,12 @@ def test_large_instance_goes_up_in_parts(tmp_path: Path, settings: Settings, buc
 @pytest.mark.parametrize("backend", ["directory", "s3"])
 def test_a_spool_file_changed_after_receipt_is_quarantined_as_it_is(
         tmp_path: Path, settings: Settings, backend: str, request: pytest.FixtureRequest) -> None:
-    """Bytes that no longer match the receipt's sha256 (a disk fault in the spool) are
-    quarantined with reason checksum-mismatch, under their own sha256; the receipt's is in
-    the reason record. (The directory backend used to retry these forever.)"""
+    """Bytes that no longer match the receipt's CRC-32 (a disk fault in the spool) are
+    quarantined with reason checksum-mismatch, under their own sha256; the receipt's CRC is
+    in the reason record. (The directory backend used to retry these forever.)"""
     import json
 
-    from tests.support import sha256, spool_entry
+    from tests.support import crc32, sha256, spool_entry
 
     if backend == "s3":
         endpoint = request.getfixturevalue("s3_endpoint")
@@ -332,10 +332,10 @@ def test_a_spool_file_changed_after_receipt_is_quarantined_as_it_is(
     data_key = f"quarantine/{receipt.receipt_id}.dcm"
     assert pipeline.archive.read_bytes(data_key) == bytes(changed)
     stored = pipeline.archive.head(data_key)
-    assert stored is not None and stored.sha256 == sha256(bytes(changed)) != receipt.sha256
+    assert stored is not None and stored.sha256 == sha256(bytes(changed)) != sha256(sent)
     reason = json.loads(pipeline.archive.read_bytes(f"quarantine/{receipt.receipt_id}.json"))
-    assert reason["reason"] == "checksum-mismatch"
-    assert reason["receipt"]["sha256"] == receipt.sha256 == sha256(sent)
+    assert reason["reason"] == "checksum-mismatch" and "CRC-32" in reason["message"]
+    assert reason["receipt"]["crc32"] == receipt.crc32 == crc32(sent)
     assert pipeline.spool.receipt_ids() == []
 
 

@@ -1,4 +1,5 @@
 import dataclasses
+import hashlib
 import os
 from pathlib import Path
 
@@ -120,8 +121,9 @@ def test_a_lost_receipt_is_rebuilt_from_the_file(spool: Spool, tmp_path: Path,
     assert rebuilt is not None
     assert rebuilt.calling_aet == "MODALITY1" and rebuilt.called_aet == "DICOM-INGEST"
     for name in ("sop_class_uid", "sop_instance_uid", "transfer_syntax", "size",
-                 "dataset_offset", "sha256"):
+                 "dataset_offset", "crc32"):
         assert getattr(rebuilt, name) == getattr(original, name), name
+    assert rebuilt.sha256 == hashlib.sha256(dcm.read_bytes()).hexdigest()  # taken as rebuilt
     assert Receipt.decode(os.getxattr(dcm, RECEIPT_XATTR)) == rebuilt
     assert spool.read_receipt(original.receipt_id) == rebuilt
 

@@ -14,6 +14,7 @@ from tests.support import (
     encode_dataset,
     hostile_dataset,
     raw_part10,
+    sha256,
     spool_entry,
     unique_copy,
 )
@@ -115,13 +116,49 @@ def test_sop_class_differs_from_request(spool: Spool) -> None:
     expect(spool, raw_part10(mr, ds.SOPInstanceUID, encode_dataset(ds)), errors.UID_MISMATCH)
 
 
-def test_spool_file_changed_after_receipt(spool: Spool) -> None:
+@pytest.mark.parametrize("legacy", [False, True], ids=["crc32-receipt", "sha256-receipt"])
+def test_spool_file_changed_after_receipt(spool: Spool, legacy: bool) -> None:
+    """One flipped bit is caught by the receipt's CRC-32, or by the sha256 of a receipt
+    written before version 2."""
     ds = hostile_dataset()
-    receipt = spool_entry(spool, raw_part10(CT, ds.SOPInstanceUID, encode_dataset(ds)))
+    receipt = spool_entry(spool, raw_part10(CT, ds.SOPInstanceUID, encode_dataset(ds)),
+                          legacy=legacy)
     path = spool.dcm_path(receipt.receipt_id)
     data = bytearray(path.read_bytes())
-    data[-1] ^= 0xFF
+    data[-1] ^= 0x01
     path.write_bytes(bytes(data))
     with pytest.raises(PermanentError) as info:
         inspect(path, receipt)
     assert info.value.code == errors.CHECKSUM_MISMATCH
+    assert ("sha256" if legacy else "CRC-32") in info.value.message
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["crc32-receipt", "sha256-receipt"])
+def test_the_worker_takes_the_sha256_of_the_checked_file(spool: Spool, legacy: bool) -> None:
+    ds = hostile_dataset()
+    part10 = raw_part10(CT, ds.SOPInstanceUID, encode_dataset(ds))
+    receipt = spool_entry(spool, part10, legacy=legacy)
+    assert bool(receipt.sha256) is legacy and bool(receipt.crc32) is not legacy
+    instance = inspect(spool.dcm_path(receipt.receipt_id), receipt)
+    assert instance.sha256 == sha256(part10)
+
+
+def test_a_receipt_without_a_checksum_is_not_trusted(spool: Spool) -> None:
+    from dataclasses import replace
+
+    ds = hostile_dataset()
+    receipt = spool_entry(spool, raw_part10(CT, ds.SOPInstanceUID, encode_dataset(ds)))
+    with pytest.raises(PermanentError) as info:
+        inspect(spool.dcm_path(receipt.receipt_id), replace(receipt, crc32=""))
+    assert info.value.code == errors.CHECKSUM_MISMATCH
+
+
+def test_a_spool_file_of_another_length_is_caught(spool: Spool) -> None:
+    ds = hostile_dataset()
+    receipt = spool_entry(spool, raw_part10(CT, ds.SOPInstanceUID, encode_dataset(ds)))
+    path = spool.dcm_path(receipt.receipt_id)
+    with open(path, "ab") as fh:
+        fh.write(b"\0\0\0\0")
+    with pytest.raises(PermanentError) as info:
+        inspect(path, receipt)
+    assert info.value.code == errors.CHECKSUM_MISMATCH and "bytes, not" in info.value.message
