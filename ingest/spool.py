@@ -27,13 +27,17 @@ import os
 import secrets
 import threading
 import time
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ingest.messages import check_receipt_id
+
+try:  # the same CRC-32 as zlib's, computed with ISA-L's vector code: ten times faster here
+    from isal.isal_zlib import crc32
+except ImportError:  # pragma: no cover - a platform without isal's wheels
+    from zlib import crc32
 
 #: 2: the receiver takes a CRC-32 (``crc32``) and leaves ``sha256`` to the workers; 1: it
 #: took the sha256 itself (such receipts are still read and checked by their sha256)
@@ -104,14 +108,14 @@ def file_digest(path: Path, chunk: int = 1 << 20) -> tuple[int, str]:
 
 def file_digests(path: Path, chunk: int = 1 << 20, crc: bool = True) -> tuple[int, str, str]:
     """(size, sha256 hex, CRC-32 hex) of a file in one read; the CRC is "" unless ``crc``."""
-    digest, size, crc32 = hashlib.sha256(), 0, 0
+    digest, size, value = hashlib.sha256(), 0, 0
     with open(path, "rb") as fh:
         while data := fh.read(chunk):
             digest.update(data)
             if crc:
-                crc32 = zlib.crc32(data, crc32)
+                value = crc32(data, value)
             size += len(data)
-    return size, digest.hexdigest(), crc32_hex(crc32) if crc else ""
+    return size, digest.hexdigest(), crc32_hex(value) if crc else ""
 
 
 def crc32_hex(value: int) -> str:
@@ -124,8 +128,8 @@ class Crc32:
 
     The receiver checksums what it writes with this rather than sha256: on CPUs without the
     SHA extensions (Intel Xeons before Ice Lake; the development VM) sha256 cost 1.6 ms of CPU
-    for 512 KB, the CRC 0.25 ms. The workers, which scale out, take the sha256 as they check
-    the file against this CRC. zlib lets other threads run while it sums a large buffer."""
+    for 512 KB, this CRC 0.035 ms with ISA-L (0.36 ms with zlib). The workers, which scale
+    out, take the sha256 as they check the file against this CRC."""
 
     __slots__ = ("value",)
 
@@ -133,7 +137,7 @@ class Crc32:
         self.value = 0
 
     def update(self, data: bytes | memoryview) -> None:
-        self.value = zlib.crc32(data, self.value)
+        self.value = crc32(data, self.value)
 
     def hexdigest(self) -> str:
         return crc32_hex(self.value)
@@ -395,7 +399,7 @@ class Spool:
 
         path = self.dcm_path(receipt_id)
         meta = pydicom.filereader.read_file_meta_info(path)
-        size, sha256, crc32 = file_digests(path)
+        size, sha256, crc = file_digests(path)
 
         def text(keyword: str) -> str:
             return str(meta.get(keyword, "")).strip("\0 ")
@@ -412,7 +416,7 @@ class Spool:
             size=size,
             dataset_offset=132 + 12 + int(meta.FileMetaInformationGroupLength),
             sha256=sha256,
-            crc32=crc32,
+            crc32=crc,
         )
         log.warning("receipt %s was unreadable (a crash before it reached the disk); rebuilt "
                     "from its file", receipt_id)

@@ -156,3 +156,34 @@ def test_attempts_are_counted_on_the_entry_not_in_files_of_their_own(
     spool.remove(receipt.receipt_id)
     assert os.listdir(spool.entries) == []
     assert spool.begin_attempt(receipt.receipt_id) == 1  # gone: a hint, never an error
+
+
+def test_the_receipt_crc_is_zlibs_crc32_whatever_computes_it(tmp_path: Path) -> None:
+    """Receipts hold zlib's CRC-32 whether ISA-L or zlib computed it (a receipt written where
+    one is installed is checked where the other is), fed in pieces of any size."""
+    import random
+    import zlib
+
+    from ingest.spool import Crc32, crc32_hex, file_digests
+
+    rng = random.Random(7)
+    data = rng.randbytes(3 * 1024 * 1024 + 17)
+    crc, at = Crc32(), 0
+    while at < len(data):
+        step = rng.choice((1, 6, 4096, 131060, 262144, 1 << 20))
+        crc.update(memoryview(data)[at : at + step])
+        at += step
+    assert crc.hexdigest() == crc32_hex(zlib.crc32(data)) == format(zlib.crc32(data), "08x")
+    (tmp_path / "f").write_bytes(data)
+    assert file_digests(tmp_path / "f", chunk=65536) == (
+        len(data), hashlib.sha256(data).hexdigest(), crc.hexdigest())
+    assert Crc32().hexdigest() == "00000000"
+
+
+def test_isal_computes_the_crc_where_it_is_installed() -> None:
+    """isal is a dependency: the receiver's CRC runs on ISA-L, not on zlib's slower loop."""
+    from isal import isal_zlib
+
+    import ingest.spool
+
+    assert ingest.spool.crc32 is isal_zlib.crc32
