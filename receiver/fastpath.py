@@ -326,6 +326,19 @@ class FastPath:
         return data
 
     def _recv_into_stream(self, stream: SpoolTempFile, count: int) -> bool:
+        """Read ``count`` bytes of a dataset fragment into ``stream``: straight into its
+        staging buffer where it has one, else through the reused receive buffer."""
+        while count and stream.receives_directly:
+            try:
+                got = stream.receive(self.dul.socket.socket, count)  # type: ignore[union-attr]
+            except (OSError, TimeoutError, AttributeError):
+                got = 0
+            if not got:
+                log.info("association closed by the peer mid-PDU (%d bytes short)", count)
+                self.abandon()
+                self.dul.event_queue.put("Evt17")
+                return False
+            count -= got
         while count:
             view = self._recv(min(count, _SLICE))
             if view is None:

@@ -172,6 +172,40 @@ class SpoolTempFile:
                 self._start_writeback()
         return len(data)
 
+    @property
+    def receives_directly(self) -> bool:
+        """Whether :meth:`receive` can take bytes from a socket into the staging buffer:
+        direct mode, and no write error so far."""
+        return self._staging is not None and self.error is None
+
+    def receive(self, sock: Any, count: int) -> int:
+        """Direct mode: read at most ``count`` bytes from ``sock`` into the staging buffer
+        itself (no copy from a receive buffer), and write the buffer out when it is full.
+        Returns how many bytes arrived, 0 when the peer has closed. Errors of the socket
+        raise; an error of the disk is kept for :meth:`finish`, and from then on
+        :attr:`receives_directly` is False (the caller drains the rest through
+        :meth:`write`, which drops it)."""
+        staging = self._staging
+        assert staging is not None and self.error is None
+        start = self._staged
+        with memoryview(staging) as buffer, \
+                buffer[start : start + min(DIRECT_CHUNK - start, count)] as room:
+            got = int(sock.recv_into(room))
+            if got:
+                with room[:got] as arrived:
+                    self.crc.update(arrived)
+                    if len(self.head) < self.HEAD:
+                        self.head += bytes(arrived[: self.HEAD - len(self.head)])
+        self._staged += got
+        self.size += got
+        if self._staged == DIRECT_CHUNK:
+            try:
+                self._write_staged()
+            except OSError as exc:
+                self.error = exc
+                self._staged = 0
+        return got
+
     def _stage(self, data: bytes | memoryview) -> None:
         """Direct mode: copy into the staging buffer, writing whole chunks as it fills."""
         staging = self._staging

@@ -73,6 +73,67 @@ def test_a_write_error_is_kept_for_sync_and_the_rest_swallowed(tmp_path: Path) -
     stream.close()
 
 
+def _receive_all(stream: SpoolTempFile, data: bytes, rng: random.Random) -> None:
+    """Send ``data`` over a real socket pair in pieces and have ``stream`` receive it with
+    :meth:`SpoolTempFile.receive`, asking for fragments of random sizes, as the fast path
+    asks for the rest of each PDV."""
+    import socket
+    import threading
+
+    ours, theirs = socket.socketpair()
+    sender = threading.Thread(target=theirs.sendall, args=(data,))
+    sender.start()
+    try:
+        left = len(data)
+        while left and stream.receives_directly:
+            wanted = min(left, rng.choice(FRAGMENTS))
+            while wanted and stream.receives_directly:
+                got = stream.receive(ours, wanted)
+                assert 0 < got <= wanted
+                wanted -= got
+                left -= got
+        while left:  # after a disk error: drained through write(), which drops it
+            chunk = ours.recv(left)
+            assert chunk
+            stream.write(chunk)
+            left -= len(chunk)
+    finally:
+        ours.close()  # a failed test must not leave the sender blocked
+        sender.join()
+        theirs.close()
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+def test_received_straight_into_the_staging_buffer(tmp_path: Path, length: int) -> None:
+    """Bytes read from a socket into the staging buffer itself land in order, with their
+    size, CRC-32 and head, after a File Meta written the usual way."""
+    need(_direct_io_here(tmp_path), "a filesystem with O_DIRECT under the test's tmp")
+    rng = random.Random(length)
+    meta, data = rng.randbytes(300), rng.randbytes(length)
+    stream = SpoolTempFile(tmp_path)
+    stream.write(meta)
+    _receive_all(stream, data, rng)
+    stream.finish()
+    stream.close()
+    assert Path(stream.name).read_bytes() == meta + data
+    assert stream.size == len(meta + data)
+    assert stream.crc.hexdigest() == crc32(meta + data)
+    assert stream.head == (meta + data)[: SpoolTempFile.HEAD]
+
+
+def test_a_disk_error_while_receiving_is_kept_and_the_rest_drained(tmp_path: Path) -> None:
+    need(_direct_io_here(tmp_path), "a filesystem with O_DIRECT under the test's tmp")
+    stream = SpoolTempFile(tmp_path)
+    os.close(stream._fd)  # the disk goes away under it
+    stream._fd = os.open(os.devnull, os.O_RDONLY)
+    _receive_all(stream, b"y" * (3 * DIRECT_CHUNK), random.Random(1))
+    assert not stream.receives_directly
+    with pytest.raises(OSError) as raised:
+        stream.finish()
+    assert raised.value.errno == errno.EBADF
+    stream.close()
+
+
 def test_streams_reuse_their_staging_buffers(tmp_path: Path) -> None:
     need(_direct_io_here(tmp_path), "a filesystem with O_DIRECT under the test's tmp")
     first = SpoolTempFile(tmp_path)
