@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+from pydicom import config as pydicom_config
 from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -303,6 +304,11 @@ def run(settings: Settings) -> int:
     signal.signal(signal.SIGINT, on_signal)
     # kill -USR1: every thread's stack on stderr, for a receiver that seems stuck
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # This process never decodes a dataset, and the UIDs it reads (presentation contexts,
+    # command sets) become neither paths nor keys: the workers check the instance's own.
+    # pydicom's check of each one against its pattern, hundreds per association (every
+    # context a sender proposes), is not needed here.
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     extra: list[subprocess.Popen[bytes]] = []
     listener = None
     listen_fd = int(os.environ[LISTEN_FD_ENV]) if os.environ.get(LISTEN_FD_ENV) else None
