@@ -191,3 +191,17 @@ def test_isal_computes_the_crc_where_it_is_installed() -> None:
     import ingest.spool
 
     assert ingest.spool.crc32 is isal_zlib.crc32
+
+
+def test_a_receipt_written_before_version_2_still_reads() -> None:
+    """A receipt of version 1 (an entry left in the spool across the upgrade) has no crc32
+    key: it reads with an empty CRC and keeps its sha256, by which the worker checks it."""
+    import json
+
+    old = {"receipt_id": "20261128T101500-0123456789abcdef", "calling_aet": "CT1",
+           "called_aet": "DICOM-INGEST", "peer": "10.0.0.7:4100", "received_at": 1.0,
+           "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2", "sop_instance_uid": "1.2.3",
+           "transfer_syntax": "1.2.840.10008.1.2.1", "size": 1000, "dataset_offset": 300,
+           "sha256": "ab" * 32, "version": 1}
+    receipt = Receipt.decode(json.dumps(old).encode())
+    assert receipt.crc32 == "" and receipt.sha256 == "ab" * 32 and receipt.version == 1
