@@ -311,11 +311,16 @@ class FastPath:
             pass
         if got < count:
             view.release()
-            log.info("association closed by the peer mid-PDU (%d of %d bytes)", got, count)
-            self.abandon()
-            self.dul.event_queue.put("Evt17")
+            self._peer_gone(count - got)
             return None
         return view
+
+    def _peer_gone(self, short: int) -> None:
+        """The peer closed (or the socket failed) ``short`` bytes before the end of a PDU:
+        drop what is in progress and tell pynetdicom (Evt17, transport closed)."""
+        log.info("association closed by the peer mid-PDU (%d bytes short)", short)
+        self.abandon()
+        self.dul.event_queue.put("Evt17")
 
     def _recv_bytes(self, count: int) -> bytes | None:
         view = self._recv(count)
@@ -334,9 +339,7 @@ class FastPath:
             except (OSError, TimeoutError, AttributeError):
                 got = 0
             if not got:
-                log.info("association closed by the peer mid-PDU (%d bytes short)", count)
-                self.abandon()
-                self.dul.event_queue.put("Evt17")
+                self._peer_gone(count)
                 return False
             count -= got
         while count:

@@ -97,9 +97,12 @@ def _receive_all(stream: SpoolTempFile, data: bytes, rng: random.Random) -> None
             assert chunk
             stream.write(chunk)
             left -= len(chunk)
+    except BaseException:
+        ours.close()  # a failed test must not leave the sender blocked on a full socket
+        raise
     finally:
-        ours.close()  # a failed test must not leave the sender blocked
-        sender.join()
+        sender.join()  # everything sent (a send of nothing too) before ours closes
+        ours.close()
         theirs.close()
 
 
