@@ -37,6 +37,7 @@ from bench.servers import (
     wait_port,
 )
 from ingest.scu import associate
+from workers.app import PROCESSES_PER_CORE, default_concurrency
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -236,8 +237,9 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=500, help="512 KB instances (500)")
     parser.add_argument("--small", type=int, default=1000, help="40 KB instances (1000)")
     parser.add_argument("--large-mb", type=int, default=1024, help="the large instance (1024)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2,
-                        help="worker processes for the N-worker end-to-end run")
+    parser.add_argument("--workers", type=int, default=default_concurrency(),
+                        help="worker processes for the N-worker end-to-end run (default: "
+                        f"the workers' own, {PROCESSES_PER_CORE} per core)")
     parser.add_argument("--receiver-processes", type=int, default=min(os.cpu_count() or 1, 4),
                         help="INGEST_RECEIVER_PROCESSES for ours (default: one per core, at "
                         "most 4; the setting's own default is 1)")

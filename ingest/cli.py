@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         dest="worker_concurrency",
         type=int,
-        help="worker processes (INGEST_WORKER_CONCURRENCY, default: one per core)",
+        help="worker processes (INGEST_WORKER_CONCURRENCY, default: two per core)",
     )
     up.add_argument(
         "--data",
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--concurrency",
         dest="worker_concurrency",
         type=int,
-        help="worker processes (INGEST_WORKER_CONCURRENCY, default: cores)",
+        help="worker processes (INGEST_WORKER_CONCURRENCY, default: two per core)",
     )
 
     sweep = sub.add_parser(

@@ -48,7 +48,7 @@ class Settings:
     poison_max_attempts: int = 5
     log_format: str = "text"
     log_level: str = "INFO"
-    worker_concurrency: int = 0  # 0: one process per core
+    worker_concurrency: int = 0  # 0: two processes per core (workers.app)
     task_max_retries: int = 8
     visibility_timeout: int = 3600
     metrics_port: int = 0  # 0: no /metrics endpoint

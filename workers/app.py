@@ -12,12 +12,29 @@ from ingest.settings import Settings
 from workers import metrics, tasks
 from workers.pipeline import Pipeline
 
+#: worker processes per usable core when INGEST_WORKER_CONCURRENCY is 0
+PROCESSES_PER_CORE = 2
+
+
+def default_concurrency() -> int:
+    """Worker processes when none are asked for: two per core this process may run on.
+
+    A task waits for about a third of its time (its fsyncs, Redis, the pool's messages to
+    and from its process), and each process takes one task at a time (prefetch 1), so one
+    process per core leaves the cores idle in those waits. Measured on two cores with a
+    sender streaming 512 KB instances: two processes archived 0.84x of the receive rate and
+    left the machine 44 % busy; three or four archived 0.96x (README, Performance)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity API on this platform
+        cores = os.cpu_count() or 1
+    return PROCESSES_PER_CORE * max(1, cores)
+
 
 def create_app(settings: Settings) -> Celery:
     app = make_celery(settings, "dicom-ingest-worker")
     app.conf.worker_consumer = "workers.consumer:Consumer"  # task events in batches
-    if settings.worker_concurrency:
-        app.conf.worker_concurrency = settings.worker_concurrency
+    app.conf.worker_concurrency = settings.worker_concurrency or default_concurrency()
     tasks.register(app, lambda: Pipeline.from_settings(settings), settings.task_max_retries)
     return app
 
