@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pynetdicom.association
+import pynetdicom.dul
 from pynetdicom.dul import DULServiceProvider
 
 WAIT = 0.05  # seconds a reactor waits for work before it looks around anyway
@@ -61,13 +62,31 @@ def _association_sleep(seconds: float) -> None:
     time.sleep(seconds)
 
 
-def install() -> None:
-    """Give ``pynetdicom.association`` a ``time`` module whose reactor sleep waits for work
-    (a module attribute, set once at the receiver's entry, like pynetdicom's ``_config``)."""
+def _dul_sleep(seconds: float) -> None:
+    """``time.sleep`` as pynetdicom's DUL module sees it. Its reactor sleeps
+    ``_run_loop_delay`` after every turn that queued no event for the state machine, such as
+    a turn in which the fast path took a whole C-STORE; :class:`DULWaiter` sets that delay
+    to 0, its ``select`` doing the waiting. ``time.sleep(0)`` is still a system call that
+    gives up the GIL; in the reactor's own thread it now returns at once. Anywhere else (the
+    association thread waiting in ``stop_dul`` for the reactor to end) it sleeps as before,
+    so that wait still lets the reactor run."""
+    if seconds > 0 or not isinstance(threading.current_thread(), DULServiceProvider):
+        time.sleep(seconds)
+
+
+def _time_with(sleep: Callable[[float], None]) -> types.ModuleType:
     module = types.ModuleType("time")
     module.__dict__.update(time.__dict__)
-    module.sleep = _association_sleep  # type: ignore[attr-defined]
-    setattr(pynetdicom.association, "time", module)  # noqa: B010
+    module.sleep = sleep  # type: ignore[attr-defined]
+    return module
+
+
+def install() -> None:
+    """Give ``pynetdicom.association`` a ``time`` module whose reactor sleep waits for work,
+    and ``pynetdicom.dul`` one whose reactor does not sleep for nothing (module attributes,
+    set once at the receiver's entry, like pynetdicom's ``_config``)."""
+    setattr(pynetdicom.association, "time", _time_with(_association_sleep))  # noqa: B010
+    setattr(pynetdicom.dul, "time", _time_with(_dul_sleep))  # noqa: B010
 
 
 def _wake_on_put(target: queue.Queue[Any], wake: Callable[[], None]) -> None:
