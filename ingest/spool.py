@@ -106,16 +106,20 @@ def file_digest(path: Path, chunk: int = 1 << 20) -> tuple[int, str]:
     return size, sha256
 
 
-def file_digests(path: Path, chunk: int = 1 << 20, crc: bool = True) -> tuple[int, str, str]:
-    """(size, sha256 hex, CRC-32 hex) of a file in one read; the CRC is "" unless ``crc``."""
-    digest, size, value = hashlib.sha256(), 0, 0
+def file_digests(path: Path, chunk: int = 1 << 20, crc: bool = True,
+                 sha: bool = True) -> tuple[int, str, str]:
+    """(size, sha256 hex, CRC-32 hex) of a file in one read; the CRC is "" unless ``crc``,
+    the sha256 "" unless ``sha``."""
+    digest, size, value = hashlib.sha256() if sha else None, 0, 0
     with open(path, "rb") as fh:
         while data := fh.read(chunk):
-            digest.update(data)
+            if digest is not None:
+                digest.update(data)
             if crc:
                 value = crc32(data, value)
             size += len(data)
-    return size, digest.hexdigest(), crc32_hex(value) if crc else ""
+    return (size, digest.hexdigest() if digest is not None else "",
+            crc32_hex(value) if crc else "")
 
 
 def crc32_hex(value: int) -> str:

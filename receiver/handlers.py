@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
-from ingest.spool import Crc32, Receipt, Spool, new_receipt_id
+from ingest.spool import Receipt, Spool, file_digests, new_receipt_id
 from receiver import statuses
 from receiver.metrics import ReceiverMetrics
 from receiver.streams import SpoolTempFile
@@ -189,16 +189,10 @@ def _received(event: Any, stream: Any) -> Received:
 
 def _checksum(path: Path) -> tuple[int, str, int]:
     """Size, CRC-32 and dataset offset of the received file."""
-    crc = Crc32()
-    size = 0
     with open(path, "rb") as fh:
-        head = fh.read(_CHUNK)
-        offset = _dataset_offset(head)
-        while head:
-            crc.update(head)
-            size += len(head)
-            head = fh.read(_CHUNK)
-    return size, crc.hexdigest(), offset
+        offset = _dataset_offset(fh.read(_CHUNK))
+    size, _, crc32 = file_digests(path, _CHUNK, sha=False)
+    return size, crc32, offset
 
 
 def _dataset_offset(head: bytes) -> int:

@@ -178,6 +178,7 @@ def test_the_receipt_crc_is_zlibs_crc32_whatever_computes_it(tmp_path: Path) -> 
     (tmp_path / "f").write_bytes(data)
     assert file_digests(tmp_path / "f", chunk=65536) == (
         len(data), hashlib.sha256(data).hexdigest(), crc.hexdigest())
+    assert file_digests(tmp_path / "f", sha=False) == (len(data), "", crc.hexdigest())
     assert Crc32().hexdigest() == "00000000"
 
 
