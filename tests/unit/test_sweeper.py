@@ -1,14 +1,15 @@
 """The sweeper's rules on a real spool directory (the enqueue side is a list here; the
 integration and fault tests drive it against a real Redis)."""
 
+import dataclasses
 import os
 import time
 from pathlib import Path
 
 import pytest
 
-from ingest.spool import Spool
-from receiver.monitor import SpoolMonitor
+from ingest.spool import Spool, new_receipt_id, receipt_time
+from receiver.monitor import COUNT_SHARE, SpoolMonitor, next_wait
 from receiver.sweeper import sweep_once
 from tests.support import make_instance, spool_entry
 
@@ -86,7 +87,34 @@ def test_monitor_refuses_past_depth_and_age(spool: Spool, tmp_path: Path) -> Non
     aged = SpoolMonitor(spool, max_age=60)
     aged.refresh()
     assert aged.refusal() is None
-    aged.oldest_age = spool.stats(now=time.time() + 120)[1]
+    assert aged.oldest_at is not None and 0 <= aged.oldest_age < 60
+    aged.oldest_at -= 120  # as if the backlog's oldest entry had waited two minutes
     assert "oldest spool entry" in (aged.refusal() or "")
     floor = SpoolMonitor(spool, min_free_bytes=2**62)
     assert "MB free" in (floor.refusal() or "")
+
+
+def test_census_counts_complete_entries_and_finds_the_oldest(spool: Spool,
+                                                             tmp_path: Path) -> None:
+    assert spool.census() == (0, None) and spool.stats() == (0, 0.0)
+    newer = entry(spool, tmp_path)
+    # an entry received an hour ago, committed the way the receiver commits one
+    part10 = spool.dcm_path(newer).read_bytes()
+    older = dataclasses.replace(spool.read_receipt(newer),
+                                receipt_id=new_receipt_id(time.time() - 3600))
+    (spool.tmp / "older.dcm").write_bytes(part10)
+    spool.commit(spool.tmp / "older.dcm", older)
+    # neither a temp file nor a receipt file is an entry
+    (spool.entries / ".x.dcm.tmp").write_bytes(b"")
+    (spool.entries / f"{newer}.json").write_bytes(b"{}")
+    count, oldest = spool.census()
+    assert count == 2 == len(spool.receipt_ids())
+    assert spool.receipt_ids()[0] == older.receipt_id
+    assert oldest == receipt_time(older.receipt_id)
+    assert 3590 < spool.stats()[1] < 3700
+
+
+def test_monitor_counts_less_often_when_counting_is_slow() -> None:
+    assert next_wait(1.0, 0.001) == 1.0  # a small spool: every interval
+    assert next_wait(1.0, 0.5) == pytest.approx(0.5 / COUNT_SHARE)  # a backlog of a million
+    assert next_wait(30.0, 0.5) == 30.0
