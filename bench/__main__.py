@@ -37,6 +37,8 @@ from bench.servers import (
     wait_port,
 )
 from ingest.scu import associate
+from ingest.settings import Settings
+from receiver.scp import receiver_processes
 from workers.app import PROCESSES_PER_CORE, default_concurrency
 
 RESULTS = Path(__file__).parent / "results"
@@ -271,9 +273,10 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=default_concurrency(),
                         help="worker processes for the N-worker end-to-end run (default: "
                         f"the workers' own, {PROCESSES_PER_CORE} per core)")
-    parser.add_argument("--receiver-processes", type=int, default=min(os.cpu_count() or 1, 4),
-                        help="INGEST_RECEIVER_PROCESSES for ours (default: one per core, at "
-                        "most 4; the setting's own default is 1)")
+    parser.add_argument("--receiver-processes", type=int,
+                        default=receiver_processes(Settings()),
+                        help="INGEST_RECEIVER_PROCESSES for ours (default: the receiver's own, "
+                        "one per core, at most 4)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds of the receive runs (the receivers taking turns) and of the "
                         "end-to-end runs; each figure is the median (3)")

@@ -57,7 +57,9 @@ class Settings:
     tls_cert: str = ""
     tls_key: str = field(default="", repr=False)
     tls_ca: str = ""
-    receiver_processes: int = 1  # >1: that many processes share the listening socket
+    #: processes sharing the listening socket; 0: one per usable core, at most 4
+    #: (receiver.scp.receiver_processes)
+    receiver_processes: int = 0
     receiver_index: int = 0  # set by the receiver for its extra processes
     receiver_fast_path: bool = True  # C-STOREs straight from the socket to the spool
     spool_direct_io: bool = True  # spool files written with O_DIRECT where the filesystem allows
@@ -74,6 +76,15 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity mask; a container's CPU quota does
+    not narrow it), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity API on this platform
+        return os.cpu_count() or 1
 
 
 def _bool(name: str, raw: str) -> bool:
@@ -195,7 +206,7 @@ def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Sett
         if (v := get(name)) is not None:
             values[name.lower()] = v
     if (v := get("RECEIVER_PROCESSES")) is not None:
-        values["receiver_processes"] = _int("RECEIVER_PROCESSES", v, minimum=1)
+        values["receiver_processes"] = _int("RECEIVER_PROCESSES", v)
     if (v := get("RECEIVER_INDEX")) is not None:
         values["receiver_index"] = _int("RECEIVER_INDEX", v)
     if (v := get("RECEIVER_FAST_PATH")) is not None:

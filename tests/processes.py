@@ -82,6 +82,9 @@ def start_pipeline(tmp_path: Path, redis_url: str, **overrides: Any) -> Iterator
         host="127.0.0.1", port=free_port(), spool_dir=tmp_path / "spool",
         archive_url=str(tmp_path / "archive"), redis_url=redis_url, spool_min_free_mb=0,
         sweep_interval=1, sweep_age=3, worker_concurrency=2,
+        # one receiver process, whatever the machine's cores: the fault tests kill "the"
+        # receiver; tests of several processes ask for them
+        receiver_processes=1,
     )
     settings = Settings(**(values | overrides))
     env = dict(os.environ) | environment(settings)

@@ -8,7 +8,7 @@ from celery import Celery
 
 from ingest.broker import make_celery
 from ingest.messages import QUEUE
-from ingest.settings import Settings
+from ingest.settings import Settings, usable_cores
 from workers import metrics, tasks
 from workers.pipeline import Pipeline
 
@@ -24,11 +24,7 @@ def default_concurrency() -> int:
     process per core leaves the cores idle in those waits. Measured on two cores with a
     sender streaming 512 KB instances: two processes archived 0.84x of the receive rate and
     left the machine 44 % busy; three or four archived 0.96x (README, Performance)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # no affinity API on this platform
-        cores = os.cpu_count() or 1
-    return PROCESSES_PER_CORE * max(1, cores)
+    return PROCESSES_PER_CORE * usable_cores()
 
 
 def create_app(settings: Settings) -> Celery:

@@ -271,6 +271,38 @@ def test_several_receiver_processes_share_the_port(tmp_path: Path, redis_url: st
         assert "Traceback" not in log, log[-3000:]
 
 
+def _exited(pid: int) -> bool:
+    """Whether a process has exited (gone, or a zombie nobody has reaped yet)."""
+    try:
+        return "State:\tZ" in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+
+
+def test_extra_receiver_processes_stop_when_the_first_one_dies(tmp_path: Path,
+                                                               redis_url: str) -> None:
+    """The first receiver process killed (SIGKILL, the OOM killer): the extra one it started
+    stops too, so that the restarted receiver finds the port free and serves it."""
+    port = free_port()
+    with start_pipeline(tmp_path, redis_url, port=port, receiver_processes=2) as pipeline:
+        wait_for(lambda: pipeline.log("receiver").count("listening on") == 2, 30,
+                 what="both receiver processes listening")
+        first = pipeline.processes["receiver"].pid
+        extra = [int(pid) for pid in subprocess.run(
+            ["pgrep", "-P", str(first), "-f", "ingest.cli receiver"],
+            capture_output=True, text=True).stdout.split()]
+        assert len(extra) == 1
+        pipeline.stop("receiver", signal.SIGKILL)
+        # no process left on the listening socket: nothing accepts a connection on the port
+        wait_for(lambda: not port_open(port), 30, what="the extra receiver process to stop")
+        assert "the first receiver process is gone" in pipeline.log("receiver")
+        wait_for(lambda: _exited(extra[0]), 30, what="the extra receiver process to exit")
+        pipeline.start("receiver", keep_log=True)
+        files = instances(tmp_path / "in", 2)
+        assert pynetdicom_send(port, files) == [statuses.SUCCESS] * 2
+        wait_for(lambda: len(objects_under(pipeline.archive)) == 2, 60, what="2 archived")
+
+
 def _cpu_ms(pid: int) -> float:
     """User and system CPU time a process has used so far, in ms."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

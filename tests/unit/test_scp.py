@@ -1,4 +1,5 @@
 import copy
+import os
 
 from ingest.settings import Settings
 from receiver.scp import SharedContexts, build_ae
@@ -47,3 +48,20 @@ def test_a_shared_socket_server_counts_the_connections_it_holds_open() -> None:
             client.close()
         server.server_close()
         listener.close()
+
+
+def test_one_receiver_process_per_usable_core_by_default(settings: Settings) -> None:
+    from receiver.scp import DEFAULT_MAX_PROCESSES, receiver_processes
+
+    # INGEST_RECEIVER_PROCESSES=0 (the default): the cores this process may run on, at most 4
+    assert Settings().receiver_processes == 0
+    cores = len(os.sched_getaffinity(0))
+    assert receiver_processes(settings.replace(receiver_processes=0)) == min(
+        cores, DEFAULT_MAX_PROCESSES)
+    assert receiver_processes(settings.replace(receiver_processes=7)) == 7  # as asked
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(before)})  # pinned to one core (taskset, a cpuset)
+    try:
+        assert receiver_processes(settings.replace(receiver_processes=0)) == 1
+    finally:
+        os.sched_setaffinity(0, before)
