@@ -35,9 +35,23 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _count(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{raw} is below 0")
+    return value
+
+
 def _scp(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="listen address (INGEST_HOST, default 0.0.0.0)")
     parser.add_argument("--port", type=int, help="listen port (INGEST_PORT, default 11112)")
+    parser.add_argument(
+        "--processes", dest="receiver_processes", type=_count,
+        help="receiver processes sharing the port (INGEST_RECEIVER_PROCESSES; default 0: one "
+        "per core, at most 4)")
     parser.add_argument("--ae-title", help="our AE title (INGEST_AE_TITLE, default DICOM-INGEST)")
 
 
@@ -139,6 +153,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "redis_url",
         "archive_url",
         "worker_concurrency",
+        "receiver_processes",
         "sweep_age",
     )
     overrides: dict[str, Any] = {n: getattr(args, n, None) for n in names}

@@ -42,3 +42,16 @@ def test_environment_round_trips() -> None:
 def test_secrets_are_not_in_repr() -> None:
     assert "hunter2" not in repr(Settings(s3_secret_key="hunter2"))
     assert "INGEST_S3_SECRET_KEY" in known_variables()
+
+
+def test_receiver_processes_from_the_environment_and_the_flag() -> None:
+    from ingest.cli import _settings, build_parser
+
+    assert from_env({}).receiver_processes == 0  # one per core, at most 4
+    assert from_env({"INGEST_RECEIVER_PROCESSES": "3"}).receiver_processes == 3
+    with pytest.raises(SettingsError, match="INGEST_RECEIVER_PROCESSES"):
+        from_env({"INGEST_RECEIVER_PROCESSES": "-1"})
+    args = build_parser().parse_args(["receiver", "--processes", "2"])
+    assert _settings(args).receiver_processes == 2
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["up", "--processes", "-1"])
