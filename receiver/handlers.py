@@ -48,6 +48,7 @@ class StoreContext:
     gate: Gate
     metrics: ReceiverMetrics
     direct_io: bool = True  # spool files written with direct I/O where the filesystem allows
+    async_io: bool = True  # and those writes submitted asynchronously where the kernel allows
 
 
 class Received(NamedTuple):

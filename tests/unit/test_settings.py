@@ -55,3 +55,8 @@ def test_receiver_processes_from_the_environment_and_the_flag() -> None:
     assert _settings(args).receiver_processes == 2
     with pytest.raises(SystemExit):
         build_parser().parse_args(["up", "--processes", "-1"])
+
+
+def test_async_spool_writes_can_be_turned_off() -> None:
+    assert from_env({}).spool_async_io is True
+    assert from_env({"INGEST_SPOOL_ASYNC_IO": "false"}).spool_async_io is False

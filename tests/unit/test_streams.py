@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from receiver import aio
 from receiver.streams import DIRECT_ALIGN, DIRECT_CHUNK, SpoolTempFile, enable_direct
 from tests.support import crc32, need
 
@@ -39,19 +40,26 @@ def _stream(stream: SpoolTempFile, data: bytes, rng: random.Random) -> None:
         offset += size
 
 
-@pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
+@pytest.mark.parametrize("direct,asynchronous", [(True, True), (True, False), (False, False)],
+                         ids=["direct-async", "direct", "buffered"])
 @pytest.mark.parametrize("length", LENGTHS)
-def test_every_byte_lands_in_order(tmp_path: Path, direct: bool, length: int) -> None:
+def test_every_byte_lands_in_order(tmp_path: Path, direct: bool, asynchronous: bool,
+                                   length: int) -> None:
     if direct:
         need(_direct_io_here(tmp_path), "a filesystem with O_DIRECT under the test's tmp")
+    if asynchronous:
+        need(aio.available(), "Linux native AIO (io_setup) allowed here")
     rng = random.Random(length)
     data = rng.randbytes(length)
-    stream = SpoolTempFile(tmp_path, direct=direct)
+    stream = SpoolTempFile(tmp_path, direct=direct, asynchronous=asynchronous)
     assert stream.direct is direct
     if direct:
         assert fcntl.fcntl(stream._fd, fcntl.F_GETFL) & os.O_DIRECT
     _stream(stream, data, rng)
     stream.finish()
+    # every full chunk went out asynchronously, or none did; the file allocated ahead of
+    # its writes is cut back to its size (checked below)
+    assert stream.async_writes == (length // DIRECT_CHUNK if asynchronous else 0)
     stream.close()
     assert Path(stream.name).read_bytes() == data
     assert stream.size == length == os.stat(stream.name).st_size
@@ -147,3 +155,54 @@ def test_streams_reuse_their_staging_buffers(tmp_path: Path) -> None:
     second = SpoolTempFile(tmp_path)
     assert second._staging is buffer
     second.close()
+
+
+def test_writes_in_flight_end_before_an_abandoned_stream_lets_go(tmp_path: Path) -> None:
+    """A stream closed mid-dataset (the association broke) with writes in flight waits for
+    them before its buffers and its AIO context serve the next stream."""
+    need(_direct_io_here(tmp_path), "a filesystem with O_DIRECT under the test's tmp")
+    need(aio.available(), "Linux native AIO (io_setup) allowed here")
+    abandoned = SpoolTempFile(tmp_path)
+    abandoned.write(b"a" * (2 * DIRECT_CHUNK))
+    assert abandoned.async_writes == 2 and len(abandoned._inflight) == 2
+    abandoned.close()
+    assert not abandoned._inflight
+    data = random.Random(2).randbytes(3 * DIRECT_CHUNK + 5)
+    following = SpoolTempFile(tmp_path)
+    following.write(data)
+    following.finish()
+    following.close()
+    assert Path(following.name).read_bytes() == data
+    assert following.async_writes == 3
+
+
+_REFUSED = """
+import os, resource, signal, sys
+from pathlib import Path
+from receiver.streams import DIRECT_CHUNK, SpoolTempFile
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (DIRECT_CHUNK + 4096, DIRECT_CHUNK + 4096))
+stream = SpoolTempFile(Path(sys.argv[1]))
+stream.write(b"x" * (3 * DIRECT_CHUNK))  # the allocation ahead goes past the limit
+try:
+    stream.finish()
+except OSError as exc:
+    print("refused", exc.errno, stream.async_writes)
+else:
+    print("finished", stream.async_writes)
+stream.close()
+"""
+
+
+def test_a_refused_allocation_is_the_streams_error(tmp_path: Path) -> None:
+    """The file cannot grow (here: RLIMIT_FSIZE; a full disk gives ENOSPC the same way):
+    the stream keeps the error for finish(), which the C-STORE answers 0xA700."""
+    import subprocess
+    import sys
+
+    need(_direct_io_here(tmp_path), "a filesystem with O_DIRECT under the test's tmp")
+    need(aio.available(), "Linux native AIO (io_setup) allowed here")
+    result = subprocess.run([sys.executable, "-c", _REFUSED, str(tmp_path)],
+                            capture_output=True, text=True, timeout=60,
+                            cwd=Path(__file__).parents[2])
+    assert result.stdout.split() == ["refused", str(errno.EFBIG), "0"], result.stderr
