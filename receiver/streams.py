@@ -41,7 +41,9 @@ ASYNC_DEPTH = 2
 #: how far ahead of its writes a stream allocates its file at most (it doubles up to this)
 _MAX_GROW = 64 * 1024 * 1024
 #: errors of io_setup, io_submit or fallocate after which a stream writes synchronously
-_NO_ASYNC = {errno.ENOSYS, errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL}
+#: (EAGAIN: the machine's AIO events, fs.aio-max-nr, are all taken)
+_NO_ASYNC = {errno.ENOSYS, errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL,
+             errno.EAGAIN}
 #: whether this process may use Linux native AIO at all (a seccomp profile may refuse it)
 _AIO = aio.available()
 
