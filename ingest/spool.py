@@ -285,6 +285,14 @@ _NO_XATTRS = {errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM}
 _RECEIPT_NOT_IN_XATTR = _NO_XATTRS | {errno.E2BIG, errno.ERANGE, errno.ENOSPC}
 
 
+def _is_receipt_id(value: str) -> bool:
+    try:
+        check_receipt_id(value)
+    except ValueError:
+        return False
+    return True
+
+
 def _attempts(raw: bytes) -> int:
     try:
         return max(0, int(raw.decode("ascii") or 0))
@@ -510,7 +518,11 @@ class Spool:
                  if name.endswith(".dcm") and not name.startswith(".")]
         if not names:
             return 0, None
-        return len(names), float(receipt_time(min(names)))  # ids sort by receive time
+        try:
+            return len(names), float(receipt_time(min(names)))  # ids sort by receive time
+        except ValueError:  # a stray file that is no entry: count the entries one by one
+            ids = [name for name in names if _is_receipt_id(name[: -len(".dcm")])]
+            return len(ids), float(receipt_time(min(ids))) if ids else None
 
     def stats(self, now: float | None = None) -> tuple[int, float]:
         """(number of complete entries, age in seconds of the oldest one, 0 when empty)."""

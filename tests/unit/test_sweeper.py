@@ -112,6 +112,9 @@ def test_census_counts_complete_entries_and_finds_the_oldest(spool: Spool,
     assert spool.receipt_ids()[0] == older.receipt_id
     assert oldest == receipt_time(older.receipt_id)
     assert 3590 < spool.stats()[1] < 3700
+    # a stray file that is no entry, sorting first, is not counted
+    (spool.entries / "0-not-an-entry.dcm").write_bytes(b"")
+    assert spool.census() == (2, receipt_time(older.receipt_id))
 
 
 def test_monitor_counts_less_often_when_counting_is_slow() -> None:
