@@ -498,9 +498,11 @@ class Spool:
 
     @staticmethod
     def entry_id(name: str) -> str | None:
-        """The receipt id of a complete entry's file name under ``entries/``, else None."""
+        """The receipt id of a complete entry's file name under ``entries/``, else None (also
+        for a ``.dcm`` not named by a receipt id: no entry, whoever put it there)."""
         if name.endswith(".dcm") and not name.startswith("."):
-            return name[: -len(".dcm")]
+            receipt_id = name[: -len(".dcm")]
+            return receipt_id if _is_receipt_id(receipt_id) else None
         return None
 
     def receipt_ids(self) -> list[str]:
@@ -512,17 +514,11 @@ class Spool:
 
     def census(self) -> tuple[int, float | None]:
         """(number of complete entries, receive time of the oldest, None when empty): one
-        listing of ``entries/``, neither sorted nor parsed name by name, so that counting
-        stays cheap on a large backlog (11,000 entries: 5 ms here, against 10 ms sorted)."""
-        names = [name for name in os.listdir(self.entries)
-                 if name.endswith(".dcm") and not name.startswith(".")]
+        listing of ``entries/``, not sorted (11,000 entries: 12 ms here)."""
+        names = [name for name in os.listdir(self.entries) if self.entry_id(name) is not None]
         if not names:
             return 0, None
-        try:
-            return len(names), float(receipt_time(min(names)))  # ids sort by receive time
-        except ValueError:  # a stray file that is no entry: count the entries one by one
-            ids = [name for name in names if _is_receipt_id(name[: -len(".dcm")])]
-            return len(ids), float(receipt_time(min(ids))) if ids else None
+        return len(names), float(receipt_time(min(names)))  # ids sort by receive time
 
     def stats(self, now: float | None = None) -> tuple[int, float]:
         """(number of complete entries, age in seconds of the oldest one, 0 when empty)."""

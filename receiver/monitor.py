@@ -2,8 +2,8 @@
 C-STORE path (depth and age are counted on a thread; free space is one statvfs call).
 
 Counting lists the spool's ``entries/``, which takes longer the larger the backlog: about
-0.5 ms per thousand entries here. With a backlog of a million (workers stopped, storage down
-for an hour) one count takes about half a second, and every receiver process counts. So the
+1 ms per thousand entries here. With a backlog of a million (workers stopped, storage down
+for an hour) one count takes about a second, and every receiver process counts. So the
 count waits at least ``took / COUNT_SHARE`` after a count that took ``took`` seconds: the
 monitor spends at most that share of its time listing the directory, however large the
 backlog, and the receiver keeps pace when a backlog grows. The age of the oldest entry is

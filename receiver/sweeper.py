@@ -22,6 +22,7 @@ class SweepResult:
     removed_orphans: int = 0  # files under entries/ without their entry's .dcm (leftovers)
     removed_temp: int = 0
     enqueue_failed: bool = False
+    strays: int = 0  # *.dcm under entries/ not named by a receipt id (left alone)
 
 
 def sweep_once(spool: Spool, enqueue: Callable[[str], None], age: float,
@@ -49,6 +50,12 @@ def sweep_once(spool: Spool, enqueue: Callable[[str], None], age: float,
                 result.pending += 1
             else:
                 old.append(receipt_id)
+        elif name.endswith(".dcm") and not name.startswith("."):
+            result.strays += 1  # not ours to archive or to delete
+            if result.strays == 1:
+                log.warning("sweep: entries/%s is not a spool entry (its name is not a receipt "
+                            "id); left alone. Send files to the receiver instead (storescu), "
+                            "or move them out of the spool", name[:120])
         elif (
             # an entry's .dcm is renamed in last and removed first: a receipt or attempts
             # file without it, and old, is an interrupted write (never acked) or removal

@@ -121,3 +121,23 @@ def test_monitor_counts_less_often_when_counting_is_slow() -> None:
     assert next_wait(1.0, 0.001) == 1.0  # a small spool: every interval
     assert next_wait(1.0, 0.5) == pytest.approx(0.5 / COUNT_SHARE)  # a backlog of a million
     assert next_wait(30.0, 0.5) == 30.0
+
+
+def test_a_stray_file_in_entries_is_left_alone_and_the_pass_goes_on(spool: Spool,
+                                                                     tmp_path: Path) -> None:
+    """A *.dcm that is no spool entry (an operator copied a study into entries/): neither
+    enqueued nor deleted, and the rest of the pass (old entries, stale temp files) runs."""
+    old = entry(spool, tmp_path, age=100)
+    stray = spool.entries / "study.dcm"
+    stray.write_bytes(b"not ours")
+    stale = spool.tmp / "recv-0123456789abcdef.dcm"
+    stale.write_bytes(b"")
+    then = time.time() - 100
+    for path in (stray, stale):
+        os.utime(path, (then, then))
+    sent: list[str] = []
+    result = sweep_once(spool, sent.append, age=50)
+    assert sent == [old] and result.requeued == 1 and result.strays == 1
+    assert stray.read_bytes() == b"not ours"
+    assert result.removed_temp == 1 and not stale.exists()
+    assert spool.receipt_ids() == [old] and spool.census()[0] == 1
