@@ -6,6 +6,41 @@ import time
 from pathlib import Path
 from typing import Any
 
+OURS = "dicom-ingest"
+
+
+def targets(rows: list[Any]) -> list[tuple[str, str, bool | None]]:
+    """Issue 5's targets against the rows of one run: (target, this run's value, met; None
+    where the run did not measure it)."""
+
+    def row(test: str) -> Any:
+        return next((r for r in rows if r.server == OURS and r.test == test), None)
+
+    found: list[tuple[str, str, bool | None]] = []
+    for label, test, least in (
+            ("512 KB, one association: at least 0.8x DCMTK",
+             "512 KB, 1 association (instances/s)", 0.8),
+            ("512 KB, four associations: at least 1.0x DCMTK",
+             "512 KB, 4 associations (instances/s)", 1.0)):
+        r = row(test)
+        found.append((label, f"{r.ratio:.2f}x" if r and r.ratio is not None else "",
+                      r.ratio >= least if r and r.ratio is not None else None))
+    e2e = [r for r in rows if r.test.startswith("end to end, directory,")
+           and getattr(r, "of_receive", None) is not None]
+    most = max(e2e, key=lambda r: int(r.test.split(", ")[2].split()[0]), default=None)
+    found.append(("end to end (directory): at least 0.9x the receive rate",
+                  f"{most.of_receive:.2f}x ({most.test.split(', ')[2]})" if most else "",
+                  most.of_receive >= 0.9 if most else None))
+    p99 = row("C-STORE round trip p99 (ms, pynetdicom sender)")
+    found.append(("C-STORE ack latency p99: at most 2x DCMTK's",
+                  f"{p99.ratio:.2f}x ({p99.value:.1f} ms)" if p99 and p99.ratio else "",
+                  p99.ratio <= 2.0 if p99 and p99.ratio else None))
+    rss = next((r for r in rows if r.server == OURS and r.test.startswith("receiver peak RSS")),
+               None)
+    found.append(("receiver RSS while a 1 GB instance arrives: under 150 MB",
+                  f"{rss.value:.1f} MB" if rss else "", rss.value < 150 if rss else None))
+    return found
+
 
 def markdown(rows: list[Any], machine: str) -> str:
     lines = [f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine}.",
@@ -14,6 +49,11 @@ def markdown(rows: list[Any], machine: str) -> str:
     for r in rows:
         ratio = f"{r.ratio:.2f}x" if r.ratio is not None else ""
         lines.append(f"| {r.test} | {r.server} | {r.value:.1f} {r.unit} | {ratio} | {r.note} |")
+    lines += ["", "Targets of issue 5 in this run:", "", "| target | this run | |",
+              "|---|---|---|"]
+    for target, value, met in targets(rows):
+        verdict = "not measured" if met is None else "met" if met else "**not met**"
+        lines.append(f"| {target} | {value} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 
