@@ -323,7 +323,7 @@ def main() -> int:
     print("targets of issue 5 (ratios to DCMTK storescp in this run):")
     for target, value, met in targets(report.rows):
         verdict = "not measured" if met is None else "met" if met else "NOT MET"
-        print(f"  {target:56} {value:24} {verdict}")
+        print(f"  {target:56} {value:30} {verdict}")
     print(f"bench: wrote {', '.join(str(p) for p in paths)}")
     return 0
 
