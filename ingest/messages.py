@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import TypeGuard
 
 #: The Celery task that archives one spool entry; its only argument is the receipt id.
 ARCHIVE_TASK = "dicom_ingest.archive"
@@ -16,8 +17,13 @@ class MessageError(ValueError):
     """A queue message that is not a valid receipt id."""
 
 
+def is_receipt_id(value: object) -> TypeGuard[str]:
+    """Whether ``value`` is a well-formed receipt id."""
+    return isinstance(value, str) and _RECEIPT_ID.match(value) is not None
+
+
 def check_receipt_id(value: object) -> str:
     """Return ``value`` if it is a well-formed receipt id; raise MessageError otherwise."""
-    if not isinstance(value, str) or not _RECEIPT_ID.match(value):
+    if not is_receipt_id(value):
         raise MessageError(f"not a receipt id: {value!r:.80}")
     return value

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ingest.messages import check_receipt_id
+from ingest.messages import check_receipt_id, is_receipt_id
 
 try:  # the same CRC-32 as zlib's, computed with ISA-L's vector code: ten times faster here
     from isal.isal_zlib import crc32
@@ -285,14 +285,6 @@ _NO_XATTRS = {errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM}
 _RECEIPT_NOT_IN_XATTR = _NO_XATTRS | {errno.E2BIG, errno.ERANGE, errno.ENOSPC}
 
 
-def _is_receipt_id(value: str) -> bool:
-    try:
-        check_receipt_id(value)
-    except ValueError:
-        return False
-    return True
-
-
 def _attempts(raw: bytes) -> int:
     try:
         return max(0, int(raw.decode("ascii") or 0))
@@ -502,7 +494,7 @@ class Spool:
         for a ``.dcm`` not named by a receipt id: no entry, whoever put it there)."""
         if name.endswith(".dcm") and not name.startswith("."):
             receipt_id = name[: -len(".dcm")]
-            return receipt_id if _is_receipt_id(receipt_id) else None
+            return receipt_id if is_receipt_id(receipt_id) else None
         return None
 
     def receipt_ids(self) -> list[str]:

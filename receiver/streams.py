@@ -388,12 +388,11 @@ class SpoolTempFile:
             with contextlib.suppress(OSError):
                 if self._inflight:  # abandoned mid-dataset: let the writes end first
                     self._reap(len(self._inflight))
-            if not self._inflight:
+            # a context with a write still in flight (the wait failed) is closed, not reused,
+            # and that write's buffer is dropped, not handed to another stream
+            with contextlib.suppress(OSError):
                 _contexts.give(self._writes)
-            else:  # not reaped (the wait failed): let io_destroy wait, and drop the buffers
-                with contextlib.suppress(OSError):
-                    self._writes.close()
-                self._inflight.clear()
+            self._inflight.clear()
             self._writes = None
         if self._staging is not None:
             _buffers.give(self._staging)
