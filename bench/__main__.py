@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from bench.corpus import make_corpus, make_large
 from bench.servers import (
@@ -42,6 +42,7 @@ from receiver.scp import receiver_processes
 from workers.app import PROCESSES_PER_CORE, default_concurrency
 
 RESULTS = Path(__file__).parent / "results"
+T = TypeVar("T")
 
 
 @dataclass
@@ -278,9 +279,11 @@ def main() -> int:
                         default=receiver_processes(Settings()),
                         help="INGEST_RECEIVER_PROCESSES for ours (default: the receiver's own, "
                         "one per core, at most 4)")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds of the receive runs (the receivers taking turns) and of the "
-                        "end-to-end runs; each figure is the median (3)")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="rounds of the receive runs (the receivers taking turns, one place "
+                        "further on each round: with 4, each takes every place once when "
+                        "Orthanc runs too) and of the end-to-end runs; each figure is the "
+                        "median (4)")
     parser.add_argument("--only", choices=("receive", "e2e", "memory"), action="append",
                         help="run only this part (repeatable); default: all three")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -328,12 +331,37 @@ def main() -> int:
     return 0
 
 
+def turns(servers: list[T], round_index: int) -> list[T]:
+    """The order in which the receivers take their turns in round ``round_index`` (from 0):
+    the rows of a Williams design, a Latin square balanced for what ran just before. Over as
+    many rounds as there are receivers (twice as many when that number is odd) each one runs
+    once in each place, and right after each of the others equally often. On this VM the run
+    right after DCMTK's was the slowest of a round: ours made 460/s in that place against
+    535-590/s elsewhere (one association, paired rounds), most likely the host writing back
+    what the run before had written; a plain rotation would have left the same receiver
+    right after DCMTK in every round."""
+    n = len(servers)
+    if n == 0:
+        return []
+    base, low, high = [0], 1, n - 1  # 0, 1, n-1, 2, n-2, ...
+    while len(base) < n:
+        base.append(low)
+        low += 1
+        if len(base) < n:
+            base.append(high)
+            high -= 1
+    r = round_index % (2 * n if n % 2 else n)
+    order = [servers[(i + r) % n] for i in base]
+    return order[::-1] if r >= n else order
+
+
 def receive(report: Report, work: Path, redis: Any, ct: list[Path], small: list[Path],
             processes: dict[str, str], rounds: int) -> None:
     """Receive throughput over 1 and 4 associations, C-STORE round trip, association set-up:
     DCMTK storescp, Orthanc when installed, ours with and without its fast path. The
-    receivers take turns, ``rounds`` times, and each figure is the median of its rounds: on
-    a shared machine the speed of the disk and the CPU drifts by half within minutes."""
+    receivers take turns, ``rounds`` times, in an order that moves on by one each round
+    (:func:`turns`), and each figure is the median of its rounds: on a shared machine the
+    speed of the disk and the CPU drifts by half within minutes."""
     servers: list[tuple[str, type[Server] | None]] = [("DCMTK storescp", Storescp)]
     if Orthanc.available():
         servers.append(("Orthanc", Orthanc))
@@ -369,7 +397,7 @@ def receive(report: Report, work: Path, redis: Any, ct: list[Path], small: list[
             if assocs == 1:
                 sync_ms.append(sync * 1000)
             print(f"  round {r + 1}: {label:26} {floor:30} {rate:8.1f} files/s", flush=True)
-        for n, (name, cls) in enumerate(servers):
+        for n, (name, cls) in turns(list(enumerate(servers)), r):
             for m, (label, files, assocs) in enumerate(tests):
                 server = run_server(name, cls, f"rx{r}-{n}-{m}")
                 try:
