@@ -192,9 +192,12 @@ class _Store:
         self.meta_length = meta_length
 
     def received(self) -> Received:
-        self.stream.finish()  # raises the first write error, if the disk failed meanwhile
+        # raises the first write error so far; the last direct write may still be in flight,
+        # and the commit waits for it right before its fsync
+        self.stream.finish(wait=False)
         return Received(Path(self.stream.name), self.stream.size,
-                        self.stream.crc.hexdigest(), self.meta_length, self.stream.fd)
+                        self.stream.crc.hexdigest(), self.meta_length, self.stream.fd,
+                        self.stream.wait)
 
     def discard(self) -> None:
         self.stream.close()

@@ -154,9 +154,12 @@ class SpoolTempFile:
 
     Where the kernel allows it (:mod:`receiver.aio`) each full buffer is submitted and the
     stream goes on receiving into another while the disk writes it (at most
-    :data:`ASYNC_DEPTH` in flight); :meth:`finish` waits for them before the tail goes out.
-    Over one association this took in about 9 % more per second (paired rounds taking
-    turns: 23 of 28 faster).
+    :data:`ASYNC_DEPTH` in flight). The fast path waits for the last of them only right
+    before the commit's fsync (:meth:`wait`), so it goes out while the tail is written and
+    the receipt is made and set. Over one association the asynchronous writes took in about
+    9 % more per second (paired rounds taking turns: 23 of 28 faster); waiting at the fsync
+    instead of before the tail took 0.06 ms off the answer (0.81 against 0.87 ms, 8 of ten
+    rounds).
     """
 
     HEAD = 256  # enough of the start to find where the File Meta ends
@@ -348,15 +351,14 @@ class SpoolTempFile:
         """The open file (for the spool's commit to fsync); -1 once closed."""
         return self._fd
 
-    def finish(self) -> None:
+    def finish(self, wait: bool = True) -> None:
         """Hand everything written to the kernel (direct mode: the last block, to the disk);
-        raises the first write error, if there was one. The spool's commit fsyncs."""
+        raises the first write error, if there was one. The spool's commit fsyncs.
+
+        With ``wait`` False the asynchronous writes still in flight are left to
+        :meth:`wait`, which must come before the fsync: the last 256 KB of an instance
+        goes out while its tail is written and its receipt made and set."""
         self.flush()
-        if self._inflight:
-            try:
-                self._reap(len(self._inflight))
-            except OSError as exc:
-                self.error = self.error or exc
         if self.error is None and self._staging is not None and self._staged:
             # the last partial block goes through the page cache (direct I/O writes whole
             # blocks only; padding it and cutting the file back made the kernel read that
@@ -367,10 +369,23 @@ class SpoolTempFile:
             except OSError as exc:
                 self.error = exc
         if self.error is None and self._allocated > self.size:
-            try:  # allocated ahead beyond its end
+            try:  # allocated ahead beyond its end (the kernel waits for writes in flight)
                 os.ftruncate(self._fd, self.size)
             except OSError as exc:
                 self.error = exc
+        if wait:
+            self.wait()
+        elif self.error is not None:
+            raise self.error
+
+    def wait(self) -> None:
+        """Wait for the asynchronous writes still in flight; raises the first write error,
+        if there was one."""
+        if self._inflight:
+            try:
+                self._reap(len(self._inflight))
+            except OSError as exc:
+                self.error = self.error or exc
         if self.error is not None:
             raise self.error
 

@@ -75,6 +75,38 @@ def test_failed_receipt_write_leaves_no_entry(spool: Spool, tmp_path: Path) -> N
     assert os.listdir(spool.entries) == []
 
 
+def test_the_commit_waits_for_the_file_before_its_fsync(spool: Spool, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    """``before_sync`` (the receiver's writes still in flight) ends after the receipt is set
+    and before the fsync; when it raises (a write failed), no entry appears."""
+    make_instance(tmp_path / "a.dcm")
+    data = (tmp_path / "a.dcm").read_bytes()
+    receipt = spool_entry(spool, data)
+    spool.remove(receipt.receipt_id)
+    calls: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
+
+    def waited() -> None:
+        calls.append("wait")
+
+    received = tmp_path / "incoming.dcm"
+    received.write_bytes(data)
+    spool.commit(received, receipt, before_sync=waited)
+    assert calls[:2] == ["wait", "fsync"]
+    assert spool.read_receipt(receipt.receipt_id) == receipt
+    spool.remove(receipt.receipt_id)
+
+    def failed() -> None:
+        raise OSError(5, "a direct write failed")
+
+    received.write_bytes(data)
+    with pytest.raises(OSError, match="a direct write failed"):
+        spool.commit(received, receipt, before_sync=failed)
+    assert os.listdir(spool.entries) == []
+
+
 def test_claim_is_exclusive(spool: Spool, tmp_path: Path) -> None:
     make_instance(tmp_path / "a.dcm")
     receipt = spool_entry(spool, (tmp_path / "a.dcm").read_bytes())

@@ -176,6 +176,23 @@ def test_writes_in_flight_end_before_an_abandoned_stream_lets_go(tmp_path: Path)
     assert following.async_writes == 3
 
 
+def test_the_last_writes_may_end_after_finish(tmp_path: Path) -> None:
+    """finish(wait=False) writes the tail while the last full chunk may still be in flight;
+    wait() ends it, and then every byte is in the file."""
+    need(_direct_io_here(tmp_path), "a filesystem with O_DIRECT under the test's tmp")
+    need(aio.available(), "Linux native AIO (io_setup) allowed here")
+    data = random.Random(3).randbytes(2 * DIRECT_CHUNK + 333)
+    stream = SpoolTempFile(tmp_path)
+    stream.write(data)
+    stream.finish(wait=False)
+    assert stream.async_writes == 2
+    stream.wait()
+    assert not stream._inflight
+    stream.close()
+    assert Path(stream.name).read_bytes() == data
+    assert os.stat(stream.name).st_size == len(data)
+
+
 _REFUSED = """
 import os, resource, signal, sys
 from pathlib import Path
