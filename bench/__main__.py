@@ -336,10 +336,11 @@ def turns(servers: list[T], round_index: int) -> list[T]:
     the rows of a Williams design, a Latin square balanced for what ran just before. Over as
     many rounds as there are receivers (twice as many when that number is odd) each one runs
     once in each place, and right after each of the others equally often. On this VM the run
-    right after DCMTK's was the slowest of a round: ours made 460/s in that place against
-    535-590/s elsewhere (one association, paired rounds), most likely the host writing back
-    what the run before had written; a plain rotation would have left the same receiver
-    right after DCMTK in every round."""
+    right after DCMTK's was the slowest of its round: four copies of our receiver taking
+    turns behind DCMTK in a fixed order, the one right after it made 460/s against 536 to
+    589/s (one association); taking turns in a rotating order, the same four came out at 513
+    to 535/s. Most likely the host was still writing back what DCMTK had written. A plain
+    rotation would have left the same receiver right after DCMTK in every round."""
     n = len(servers)
     if n == 0:
         return []
