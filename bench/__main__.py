@@ -317,7 +317,7 @@ def main() -> int:
     redis.stop()
     shutil.rmtree(work, ignore_errors=True)
 
-    from bench.report import targets, write
+    from bench.report import targets, verdict, write
 
     machine = (f"{platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}, "
                f"{platform.platform()}; ours with {processes['INGEST_RECEIVER_PROCESSES']} "
@@ -325,8 +325,7 @@ def main() -> int:
     paths = write(report.rows, args.out, machine)
     print("targets of issue 5 (ratios to DCMTK storescp in this run):")
     for target, value, met in targets(report.rows):
-        verdict = "not measured" if met is None else "met" if met else "NOT MET"
-        print(f"  {target:56} {value:30} {verdict}")
+        print(f"  {target:56} {value:30} {verdict(met)}")
     print(f"bench: wrote {', '.join(str(p) for p in paths)}")
     return 0
 

@@ -52,9 +52,13 @@ def markdown(rows: list[Any], machine: str) -> str:
     lines += ["", "Targets of issue 5 in this run:", "", "| target | this run | |",
               "|---|---|---|"]
     for target, value, met in targets(rows):
-        verdict = "not measured" if met is None else "met" if met else "**not met**"
-        lines.append(f"| {target} | {value} | {verdict} |")
+        lines.append(f"| {target} | {value} | {verdict(met, '**not met**')} |")
     return "\n".join(lines) + "\n"
+
+
+def verdict(met: bool | None, not_met: str = "NOT MET") -> str:
+    """A target's verdict in words: met, ``not_met``, or not measured (``met`` None)."""
+    return "not measured" if met is None else "met" if met else not_met
 
 
 def chart(rows: list[Any], path: Path) -> bool:

@@ -501,10 +501,16 @@ class Spool:
     def entry_id(name: str) -> str | None:
         """The receipt id of a complete entry's file name under ``entries/``, else None (also
         for a ``.dcm`` not named by a receipt id: no entry, whoever put it there)."""
-        if name.endswith(".dcm") and not name.startswith("."):
+        if Spool.is_dcm_name(name):
             receipt_id = name[: -len(".dcm")]
             return receipt_id if is_receipt_id(receipt_id) else None
         return None
+
+    @staticmethod
+    def is_dcm_name(name: str) -> bool:
+        """Whether a name under ``entries/`` is that of a DICOM file (``*.dcm``, not hidden),
+        an entry's or not."""
+        return name.endswith(".dcm") and not name.startswith(".")
 
     def receipt_ids(self) -> list[str]:
         """Ids of the complete entries, oldest first."""

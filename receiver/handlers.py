@@ -193,8 +193,8 @@ def _received(event: Any, stream: Any) -> Received:
 
 def _checksum(path: Path) -> tuple[int, str, int]:
     """Size, CRC-32 and dataset offset of the received file."""
-    with open(path, "rb") as fh:
-        offset = _dataset_offset(fh.read(_CHUNK))
+    with open(path, "rb") as fh:  # the group length is all it needs of the File Meta
+        offset = _dataset_offset(fh.read(_PREAMBLE_AND_MAGIC + 12))
     size, _, crc32 = file_digests(path, _CHUNK, sha=False)
     return size, crc32, offset
 

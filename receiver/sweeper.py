@@ -50,7 +50,7 @@ def sweep_once(spool: Spool, enqueue: Callable[[str], None], age: float,
                 result.pending += 1
             else:
                 old.append(receipt_id)
-        elif name.endswith(".dcm") and not name.startswith("."):
+        elif spool.is_dcm_name(name):
             result.strays += 1  # not ours to archive or to delete
             if result.strays == 1:
                 log.warning("sweep: entries/%s is not a spool entry (its name is not a receipt "
