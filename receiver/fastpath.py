@@ -471,10 +471,7 @@ class FastPath:
             stream = SpoolTempFile.failed(OSError(errno.ENOSPC, refusal))
         else:
             try:
-                spool = self.ctx.spool
-                temp = spool.temp_files.take() if spool.temp_files is not None else None
-                stream = SpoolTempFile(spool.tmp, temp, direct=self.ctx.direct_io,
-                                       asynchronous=self.ctx.async_io)
+                stream = self.ctx.new_stream()
             except OSError as exc:  # answered 0xA700 once the dataset has arrived
                 stream = SpoolTempFile.failed(exc)
         stream.write(meta)

@@ -47,8 +47,8 @@ class StoreContext:
     enqueuer: Enqueuer
     gate: Gate
     metrics: ReceiverMetrics
-    direct_io: bool = True  # spool files written with direct I/O where the filesystem allows
-    async_io: bool = True  # and those writes submitted asynchronously where the kernel allows
+    #: makes the spool file a dataset streams into (the same for pynetdicom's path)
+    new_stream: Callable[[], SpoolTempFile]
 
 
 class Received(NamedTuple):

@@ -248,8 +248,9 @@ def start(settings: Settings, listen_fd: int | None = None,
     # Stream every incoming dataset to a temp file on the spool filesystem, so memory does not
     # grow with instance size and the finished file can be renamed into the spool.
     _config.STORE_RECV_CHUNKED_DATASET = True
-    streams.install(spool.tmp, direct=settings.spool_direct_io,
-                    asynchronous=settings.spool_async_io)
+    new_stream = streams.Streams(spool, direct=settings.spool_direct_io,
+                                 asynchronous=settings.spool_async_io)
+    streams.install(new_stream)
     metrics = ReceiverMetrics()
     app = make_celery(settings, "dicom-ingest-receiver")
     publisher = Publisher(settings, on_failure=metrics.enqueue_failures.inc)
@@ -266,8 +267,7 @@ def start(settings: Settings, listen_fd: int | None = None,
     metrics.spool_depth.set_function(lambda: monitor.depth)
     metrics.spool_oldest.set_function(lambda: monitor.oldest_age)
     context = StoreContext(spool=spool, enqueuer=publisher, gate=monitor, metrics=metrics,
-                           direct_io=settings.spool_direct_io,
-                           async_io=settings.spool_async_io)
+                           new_stream=new_stream)
     associations = AssociationContext(settings, metrics)
     reactors.install()
     handlers: list[Any] = [

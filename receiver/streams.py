@@ -24,7 +24,7 @@ from typing import Any, cast
 
 import pynetdicom.dimse_messages
 
-from ingest.spool import Crc32, TempFile, create_temp
+from ingest.spool import Crc32, Spool, TempFile, create_temp
 from receiver import aio
 
 WRITEBACK_STEP = 256 * 1024
@@ -422,11 +422,25 @@ class SpoolTempFile:
         self._fd = -1
 
 
-def install(directory: Path, direct: bool = True, asynchronous: bool = True) -> None:
-    """Make pynetdicom stream incoming datasets into :class:`SpoolTempFile` in ``directory``
-    (a module attribute, set once at the receiver's entry, like pynetdicom's ``_config``)."""
+class Streams:
+    """Makes the files incoming datasets stream into, in the spool's ``tmp/`` (a spare one
+    from its pool where the receiver runs one), with one set of options for both ways a
+    C-STORE arrives: the fast path calls it, and pynetdicom calls it in place of
+    ``NamedTemporaryFile`` (:func:`install`; its arguments are ignored)."""
 
-    def factory(*args: Any, **kwargs: Any) -> SpoolTempFile:
-        return SpoolTempFile(directory, direct=direct, asynchronous=asynchronous)
+    def __init__(self, spool: Spool, direct: bool = True, asynchronous: bool = True) -> None:
+        self.spool = spool
+        self.direct = direct  # direct I/O where the filesystem allows
+        self.asynchronous = asynchronous  # those writes submitted with Linux AIO where allowed
 
-    setattr(pynetdicom.dimse_messages, "NamedTemporaryFile", factory)  # noqa: B010
+    def __call__(self, *args: Any, **kwargs: Any) -> SpoolTempFile:
+        spool = self.spool
+        temp = spool.temp_files.take() if spool.temp_files is not None else None
+        return SpoolTempFile(spool.tmp, temp, direct=self.direct,
+                             asynchronous=self.asynchronous)
+
+
+def install(streams: Streams) -> None:
+    """Make pynetdicom stream incoming datasets into the files ``streams`` makes (a module
+    attribute, set once at the receiver's entry, like pynetdicom's ``_config``)."""
+    setattr(pynetdicom.dimse_messages, "NamedTemporaryFile", streams)  # noqa: B010
