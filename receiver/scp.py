@@ -298,7 +298,11 @@ def start(settings: Settings, listen_fd: int | None = None,
                                  evt_handlers=handlers, ssl_context=tls_context(settings))
     server.contexts = SharedContexts(server.contexts)
     if settings.metrics_port:
-        metrics.serve(settings.metrics_port + settings.receiver_index)
+        # the first process's port sums every process's metrics (receiver.metrics.Combined)
+        peers = (range(settings.metrics_port + 1,
+                       settings.metrics_port + receiver_processes(settings))
+                 if settings.receiver_index == 0 else range(0))
+        metrics.serve(settings.metrics_port + settings.receiver_index, peers=peers)
     receiver = Receiver(settings, server, publisher, sweeper, monitor, metrics, spool)
     log.info("receiver %s listening on %s:%d%s (process %d of %d), spool %s, broker %s",
              settings.ae_title, settings.host, receiver.port,

@@ -249,9 +249,13 @@ def test_flower_sees_worker_and_tasks(tmp_path: Path, redis_url: str) -> None:
 
 def test_several_receiver_processes_share_the_port(tmp_path: Path, redis_url: str) -> None:
     """INGEST_RECEIVER_PROCESSES=2: two processes on one listening socket; parallel
-    associations are all served and archived, and SIGTERM stops both."""
-    port = free_port()
-    with start_pipeline(tmp_path, redis_url, port=port, receiver_processes=2) as pipeline:
+    associations are all served and archived, the first process's metrics port counts the
+    C-STOREs of both, and SIGTERM stops both."""
+    port, rport = free_port(), free_port()
+    while rport + 1 == port:
+        rport = free_port()
+    with start_pipeline(tmp_path, redis_url, port=port, receiver_processes=2,
+                        metrics_port=rport) as pipeline:
         wait_for(lambda: pipeline.log("receiver").count("listening on") == 2, 30,
                  what="both receiver processes listening")
         files = instances(tmp_path / "in", 24)
@@ -260,6 +264,12 @@ def test_several_receiver_processes_share_the_port(tmp_path: Path, redis_url: st
             stream.wait()
         assert sum(len(s.acked) for s in streams) == 24
         wait_for(lambda: len(objects_under(pipeline.archive)) == 24, 60, what="24 archived")
+        both, second = scrape(rport), scrape(rport + 1)  # the second port: its own share
+        ok = {"status": "0x0000", "calling_aet": "FAULTS"}
+        assert value(both, "dicom_ingest_receiver_processes") == 2
+        assert value(both, "dicom_ingest_cstore_total", **ok) == 24
+        assert value(both, "dicom_ingest_ack_seconds_count") == 24
+        assert value(second, "dicom_ingest_cstore_total", **ok) <= 24
         children = subprocess.run(["pgrep", "-P", str(pipeline.processes["receiver"].pid),
                                    "-f", "ingest.cli receiver"],
                                   capture_output=True, text=True).stdout.split()
