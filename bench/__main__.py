@@ -280,10 +280,10 @@ def main() -> int:
                         help="INGEST_RECEIVER_PROCESSES for ours (default: the receiver's own, "
                         "one per core, at most 4)")
     parser.add_argument("--rounds", type=int, default=4,
-                        help="rounds of the receive runs (the receivers taking turns, one place "
-                        "further on each round: with 4, each takes every place once when "
-                        "Orthanc runs too) and of the end-to-end runs; each figure is the "
-                        "median (4)")
+                        help="rounds of the receive runs (the receivers taking turns in an "
+                        "order that changes each round: with 4 receivers, Orthanc included, "
+                        "each runs once in each place and once right after each of the "
+                        "others) and of the end-to-end runs; each figure is the median (4)")
     parser.add_argument("--only", choices=("receive", "e2e", "memory"), action="append",
                         help="run only this part (repeatable); default: all three")
     parser.add_argument("--out", type=Path, default=RESULTS)
