@@ -295,6 +295,16 @@ def main() -> int:
 
     from ingest.embedded import EmbeddedRedis
 
+    need = space_needed(args.count, args.small, args.large_mb, args.rounds, parts,
+                        receivers=4 if Orthanc.available() else 3)
+    free = shutil.disk_usage(tempfile.gettempdir()).free
+    if free < need:
+        print(f"bench: needs about {need / 1e9:.1f} GB free in {tempfile.gettempdir()}, "
+              f"where it works, and {free / 1e9:.1f} GB are (it keeps every run's files until "
+              "the end: deleting them between runs slowed the runs that followed). Free some "
+              "space, point TMPDIR at a larger disk, or pass a smaller --count or --rounds.",
+              file=sys.stderr)
+        return 2
     work = Path(tempfile.mkdtemp(prefix="dicom-ingest-bench-"))
     report = Report()
     print(f"bench: corpus in {work}", flush=True)
@@ -328,6 +338,23 @@ def main() -> int:
         print(f"  {target:56} {value:30} {verdict(met)}")
     print(f"bench: wrote {', '.join(str(p) for p in paths)}")
     return 0
+
+
+def space_needed(count: int, small: int, large_mb: int, rounds: int, parts: set[str],
+                 receivers: int) -> int:
+    """Bytes of disk a run of the bench writes under its work folder, about: the corpus, and
+    every timed run's received files, which stay until the end (with a tenth more for the
+    scratch file :func:`settle` writes and the spools' own files)."""
+    ct, small_bytes, mb = count * 512 * 1024, small * 40 * 1024, 1 << 20
+    need = ct + small_bytes
+    if "receive" in parts:  # the disk alone twice; each receiver 1 and 4 associations,
+        # the small instances and 200 instances of the round-trip phase
+        need += rounds * (2 * ct + receivers * (2 * ct + small_bytes + 200 * 512 * 1024))
+    if "e2e" in parts:  # the directory archive keeps each run's instances (hard links)
+        need += rounds * 2 * ct
+    if "memory" in parts:  # the large instance, and the spool entry it becomes
+        need += 2 * large_mb * mb
+    return need + need // 10
 
 
 def turns(servers: list[T], round_index: int) -> list[T]:

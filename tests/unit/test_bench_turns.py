@@ -1,10 +1,11 @@
-"""The order in which the bench's receivers take their turns, round by round."""
+"""The order in which the bench's receivers take their turns, round by round, and the disk
+space a run needs."""
 
 from __future__ import annotations
 
 import collections
 
-from bench.__main__ import turns
+from bench.__main__ import space_needed, turns
 
 FOUR = ["DCMTK storescp", "Orthanc", "dicom-ingest", "dicom-ingest, fast path off"]
 THREE = ["DCMTK storescp", "dicom-ingest", "dicom-ingest, fast path off"]
@@ -44,3 +45,15 @@ def test_rounds_beyond_the_design_start_over() -> None:
     assert turns(THREE, 7) == turns(THREE, 1)
     assert turns(["alone"], 3) == ["alone"]
     assert turns([], 2) == []
+
+
+def test_the_space_a_run_needs_grows_with_what_it_runs() -> None:
+    everything = {"receive", "e2e", "memory"}
+    full = space_needed(500, 1000, 1024, 4, everything, receivers=4)
+    # the receive part alone keeps 4 rounds x (the disk alone twice, and 4 receivers x
+    # (1 and 4 associations, 40 KB instances, 200 round trips)) of 512 KB instances
+    receive = space_needed(500, 1000, 1024, 4, {"receive"}, receivers=4)
+    assert receive > 4 * (2 + 4 * 2) * 500 * 512 * 1024
+    assert full > receive + 2 * 1024 * 2**20  # the large instance, twice
+    assert space_needed(500, 1000, 1024, 8, everything, receivers=4) > full
+    assert space_needed(500, 1000, 1024, 4, everything, receivers=3) < full
