@@ -386,9 +386,9 @@ def receive(report: Report, work: Path, redis: Any, ct: list[Path], small: list[
             processes: dict[str, str], rounds: int) -> None:
     """Receive throughput over 1 and 4 associations, C-STORE round trip, association set-up:
     DCMTK storescp, Orthanc when installed, ours with and without its fast path. The
-    receivers take turns, ``rounds`` times, in an order that moves on by one each round
-    (:func:`turns`), and each figure is the median of its rounds: on a shared machine the
-    speed of the disk and the CPU drifts by half within minutes."""
+    receivers take turns, ``rounds`` times, in an order that changes each round (the rows
+    of a Williams design, :func:`turns`), and each figure is the median of its rounds: on a
+    shared machine the speed of the disk and the CPU drifts by half within minutes."""
     servers: list[tuple[str, type[Server] | None]] = [("DCMTK storescp", Storescp)]
     if Orthanc.available():
         servers.append(("Orthanc", Orthanc))
