@@ -1,5 +1,6 @@
 """How the bench plans its runs: the order in which its receivers take their turns, round by
 round, and the disk space a run needs."""
+
 from __future__ import annotations
 
 import collections
