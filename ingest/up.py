@@ -23,9 +23,29 @@ def _child(role: str, env: dict[str, str], *args: str) -> subprocess.Popen[bytes
     )
 
 
+def metrics_port_clash(settings: Settings) -> str | None:
+    """Why the receiver's and the workers' metrics ports would collide on this one machine,
+    or None: receiver process N serves its metrics on INGEST_METRICS_PORT+N-1."""
+    if not settings.metrics_port or not settings.worker_metrics_port:
+        return None
+    from receiver.scp import receiver_processes
+
+    processes = receiver_processes(settings)
+    last = settings.metrics_port + processes - 1
+    if settings.metrics_port <= settings.worker_metrics_port <= last:
+        return (f"INGEST_WORKER_METRICS_PORT={settings.worker_metrics_port} is one of the "
+                f"receiver's metrics ports ({settings.metrics_port} to {last}: one per "
+                f"receiver process, {processes} here); give the workers a port outside them")
+    return None
+
+
 def run(settings: Settings, data_dir: Path, flower: bool = False) -> int:
     """Start everything, restart what dies (a restart policy, as Compose and Kubernetes
     have), wait for Ctrl-C or SIGTERM, then stop in order."""
+    clash = metrics_port_clash(settings)
+    if clash:
+        log.error("%s", clash)
+        return 2
     redis: EmbeddedRedis | None = None
     if not settings.redis_url_explicit:
         redis = EmbeddedRedis(data_dir / "redis")

@@ -87,10 +87,12 @@ class Combined:
             samples = self._read(port)
             if samples is None:
                 continue
+            ours = [sample for sample in samples if sample[0] in rules]
+            if not ours:  # something else holds that port (a worker's metrics, say)
+                log.warning("metrics on port %d are no receiver's: left out", port)
+                continue
             answered += 1
-            for name, labels, value in samples:
-                if name not in rules:
-                    continue  # not one of ours (another version of the receiver)
+            for name, labels, value in ours:
                 key = (name, tuple(sorted(labels.items())))
                 if key not in values:
                     values[key] = value

@@ -302,7 +302,16 @@ def start(settings: Settings, listen_fd: int | None = None,
         peers = (range(settings.metrics_port + 1,
                        settings.metrics_port + receiver_processes(settings))
                  if settings.receiver_index == 0 else range(0))
-        metrics.serve(settings.metrics_port + settings.receiver_index, peers=peers)
+        port = settings.metrics_port + settings.receiver_index
+        try:
+            metrics.serve(port, peers=peers)
+        except OSError as exc:
+            if settings.receiver_index == 0:  # the documented port: fail where it shows
+                raise
+            log.error("receiver process %d: cannot serve its metrics on port %d "
+                      "(INGEST_METRICS_PORT+%d): %s. It takes C-STOREs all the same; the "
+                      "first process's metrics port leaves its share out",
+                      settings.receiver_index + 1, port, settings.receiver_index, exc)
     receiver = Receiver(settings, server, publisher, sweeper, monitor, metrics, spool)
     log.info("receiver %s listening on %s:%d%s (process %d of %d), spool %s, broker %s",
              settings.ae_title, settings.host, receiver.port,

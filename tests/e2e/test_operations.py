@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import time
@@ -279,6 +280,35 @@ def test_several_receiver_processes_share_the_port(tmp_path: Path, redis_url: st
         log = pipeline.log("receiver")  # both processes write to it
         assert log.count("receiver stopped") == 2, log[-3000:]
         assert "Traceback" not in log, log[-3000:]
+
+
+def test_an_extra_process_whose_metrics_port_is_taken_still_takes_c_stores(
+        tmp_path: Path, redis_url: str) -> None:
+    """Another program holds the second receiver process's metrics port: that process says
+    so and serves DICOM all the same, and the first port counts the processes that
+    answered (one)."""
+    port, rport = free_port(), free_port()
+    squatter = socket.socket()
+    try:
+        squatter.bind(("0.0.0.0", rport + 1))
+    except OSError:
+        pytest.skip(f"port {rport + 1} is taken already")
+    squatter.listen()
+    try:
+        with start_pipeline(tmp_path, redis_url, port=port, receiver_processes=2,
+                            metrics_port=rport) as pipeline:
+            wait_for(lambda: pipeline.log("receiver").count("listening on") == 2, 30,
+                     what="both receiver processes listening")
+            assert "cannot serve its metrics on port" in pipeline.log("receiver")
+            files = instances(tmp_path / "in", 8)
+            streams = [Stream(port, files[i::4]).start() for i in range(4)]
+            for stream in streams:
+                stream.wait()
+            assert sum(len(s.acked) for s in streams) == 8
+            wait_for(lambda: len(objects_under(pipeline.archive)) == 8, 60, what="8 archived")
+            assert value(scrape(rport), "dicom_ingest_receiver_processes") == 1
+    finally:
+        squatter.close()
 
 
 def _exited(pid: int) -> bool:

@@ -68,3 +68,32 @@ def test_the_first_port_sums_every_process() -> None:
     left = _scrape(lonely_port)
     assert _value(left, "dicom_ingest_cstore_total", status="0x0000", calling_aet="CT1") == 1
     assert _value(left, "dicom_ingest_receiver_processes") == 1
+
+
+def test_a_port_serving_something_else_is_left_out() -> None:
+    """Another program on a receiver process's metrics port (the workers' metrics, say, on
+    one machine) is not summed in, and the count of processes says one is missing."""
+    from prometheus_client import CollectorRegistry, Counter, start_http_server
+
+    other = CollectorRegistry()
+    Counter("dicom_ingest_archived", "not a receiver's", registry=other).inc(7)
+    other_port, first_port = free_port(), free_port()
+    start_http_server(other_port, addr="127.0.0.1", registry=other)
+    first = _process({"CT1": 2}, [0.01], depth=1)
+    first.serve(first_port, host="127.0.0.1", peers=[other_port])
+    combined = _scrape(first_port)
+    assert _value(combined, "dicom_ingest_receiver_processes") == 1
+    assert _value(combined, "dicom_ingest_cstore_total", status="0x0000", calling_aet="CT1") == 2
+    assert ("dicom_ingest_archived_total", ()) not in combined
+
+
+def test_up_refuses_worker_metrics_on_a_receiver_process_port() -> None:
+    from ingest.settings import Settings
+    from ingest.up import metrics_port_clash
+
+    two = Settings(metrics_port=9110, worker_metrics_port=9111, receiver_processes=2)
+    clash = metrics_port_clash(two)
+    assert clash is not None and "9110 to 9111" in clash
+    assert metrics_port_clash(two.replace(receiver_processes=1)) is None
+    assert metrics_port_clash(two.replace(worker_metrics_port=9120)) is None
+    assert metrics_port_clash(two.replace(metrics_port=0)) is None
