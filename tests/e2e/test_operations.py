@@ -248,23 +248,48 @@ def test_flower_sees_worker_and_tasks(tmp_path: Path, redis_url: str) -> None:
             log.close()
 
 
+def _metrics_port(avoid: int, hold: socket.socket) -> int:
+    """A free port whose next one ``hold`` is bound to (the second receiver process's
+    metrics port), neither of them ``avoid`` (the DICOM port)."""
+    for _ in range(50):
+        rport = free_port()
+        if avoid in (rport, rport + 1):
+            continue
+        try:
+            hold.bind(("0.0.0.0", rport + 1))
+        except OSError:
+            continue
+        return rport
+    raise AssertionError("no free pair of ports in 50 tries")
+
+
+def _both_listening(pipeline: Any) -> None:
+    wait_for(lambda: pipeline.log("receiver").count("listening on") == 2, 30,
+             what="both receiver processes listening")
+
+
+def _over_four_associations(pipeline: Any, port: int, tmp_path: Path, count: int) -> None:
+    """``count`` instances sent over four parallel associations: all acked, all archived."""
+    files = instances(tmp_path / "in", count)
+    streams = [Stream(port, files[i::4]).start() for i in range(4)]
+    for stream in streams:
+        stream.wait()
+    assert sum(len(s.acked) for s in streams) == count
+    wait_for(lambda: len(objects_under(pipeline.archive)) == count, 60,
+             what=f"{count} archived")
+
+
 def test_several_receiver_processes_share_the_port(tmp_path: Path, redis_url: str) -> None:
     """INGEST_RECEIVER_PROCESSES=2: two processes on one listening socket; parallel
     associations are all served and archived, the first process's metrics port counts the
     C-STOREs of both, and SIGTERM stops both."""
-    port, rport = free_port(), free_port()
-    while rport + 1 == port:
-        rport = free_port()
+    port = free_port()
+    with socket.socket() as probe:  # bound only to find a free pair, closed at once
+        rport = _metrics_port(port, probe)
     with start_pipeline(tmp_path, redis_url, port=port, receiver_processes=2,
                         metrics_port=rport) as pipeline:
-        wait_for(lambda: pipeline.log("receiver").count("listening on") == 2, 30,
-                 what="both receiver processes listening")
-        files = instances(tmp_path / "in", 24)
-        streams = [Stream(port, files[i::4]).start() for i in range(4)]
-        for stream in streams:
-            stream.wait()
-        assert sum(len(s.acked) for s in streams) == 24
-        wait_for(lambda: len(objects_under(pipeline.archive)) == 24, 60, what="24 archived")
+        _both_listening(pipeline)
+        _over_four_associations(pipeline, port, tmp_path, 24)
         both, second = scrape(rport), scrape(rport + 1)  # the second port: its own share
         ok = {"status": "0x0000", "calling_aet": "FAULTS"}
         assert value(both, "dicom_ingest_receiver_processes") == 2
@@ -287,25 +312,16 @@ def test_an_extra_process_whose_metrics_port_is_taken_still_takes_c_stores(
     """Another program holds the second receiver process's metrics port: that process says
     so and serves DICOM all the same, and the first port counts the processes that
     answered (one)."""
-    port, rport = free_port(), free_port()
+    port = free_port()
     squatter = socket.socket()
-    try:
-        squatter.bind(("0.0.0.0", rport + 1))
-    except OSError:
-        pytest.skip(f"port {rport + 1} is taken already")
+    rport = _metrics_port(port, squatter)
     squatter.listen()
     try:
         with start_pipeline(tmp_path, redis_url, port=port, receiver_processes=2,
                             metrics_port=rport) as pipeline:
-            wait_for(lambda: pipeline.log("receiver").count("listening on") == 2, 30,
-                     what="both receiver processes listening")
+            _both_listening(pipeline)
             assert "cannot serve its metrics on port" in pipeline.log("receiver")
-            files = instances(tmp_path / "in", 8)
-            streams = [Stream(port, files[i::4]).start() for i in range(4)]
-            for stream in streams:
-                stream.wait()
-            assert sum(len(s.acked) for s in streams) == 8
-            wait_for(lambda: len(objects_under(pipeline.archive)) == 8, 60, what="8 archived")
+            _over_four_associations(pipeline, port, tmp_path, 8)
             assert value(scrape(rport), "dicom_ingest_receiver_processes") == 1
     finally:
         squatter.close()
@@ -325,8 +341,7 @@ def test_extra_receiver_processes_stop_when_the_first_one_dies(tmp_path: Path,
     stops too, so that the restarted receiver finds the port free and serves it."""
     port = free_port()
     with start_pipeline(tmp_path, redis_url, port=port, receiver_processes=2) as pipeline:
-        wait_for(lambda: pipeline.log("receiver").count("listening on") == 2, 30,
-                 what="both receiver processes listening")
+        _both_listening(pipeline)
         first = pipeline.processes["receiver"].pid
         extra = [int(pid) for pid in subprocess.run(
             ["pgrep", "-P", str(first), "-f", "ingest.cli receiver"],
