@@ -37,8 +37,7 @@ from bench.servers import (
     wait_port,
 )
 from ingest.scu import associate
-from ingest.settings import Settings
-from receiver.scp import receiver_processes
+from ingest.settings import Settings, receiver_processes
 from workers.app import PROCESSES_PER_CORE, default_concurrency
 
 RESULTS = Path(__file__).parent / "results"

@@ -517,7 +517,7 @@ class Spool:
         return sorted(filter(None, map(self.entry_id, os.listdir(self.entries))))
 
     def depth(self) -> int:
-        return len(self.receipt_ids())
+        return self.census()[0]
 
     def census(self) -> tuple[int, float | None]:
         """(number of complete entries, receive time of the oldest, None when empty): one

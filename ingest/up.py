@@ -12,7 +12,7 @@ from pathlib import Path
 from types import FrameType
 
 from ingest.embedded import EmbeddedRedis
-from ingest.settings import Settings, environment
+from ingest.settings import Settings, environment, receiver_processes
 
 log = logging.getLogger("dicom_ingest.up")
 
@@ -28,8 +28,6 @@ def metrics_port_clash(settings: Settings) -> str | None:
     or None: receiver process N serves its metrics on INGEST_METRICS_PORT+N-1."""
     if not settings.metrics_port or not settings.worker_metrics_port:
         return None
-    from receiver.scp import receiver_processes
-
     processes = receiver_processes(settings)
     last = settings.metrics_port + processes - 1
     if settings.metrics_port <= settings.worker_metrics_port <= last:

@@ -81,7 +81,7 @@ class SpoolMonitor:
             started = time.monotonic()
             try:
                 self.refresh()
-            except (OSError, ValueError) as exc:  # ValueError: a stray *.dcm in entries/
+            except (OSError, ValueError) as exc:  # ValueError: an id naming no real time
                 log.warning("cannot count the spool: %s", exc)
             took = time.monotonic() - started
             wait = next_wait(self.interval, took)

@@ -37,7 +37,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ingest.broker import make_celery, queue_length
-from ingest.settings import Settings, environment, redact_url, usable_cores
+from ingest.settings import Settings, environment, receiver_processes, redact_url
 from ingest.spool import Spool, TempFilePool
 from receiver import fastpath, reactors, streams
 from receiver.associations import AssociationContext, on_accepted, on_ended, on_rejected
@@ -77,22 +77,6 @@ _START_TIMEOUT = 120.0  # seconds the first process waits for the others to star
 # _MAX_DEFER) before it accepts a new one, so that an idler process takes it first.
 _DEFER_PER_CONNECTION = 0.001
 _MAX_DEFER = 0.01
-#: receiver processes when INGEST_RECEIVER_PROCESSES is 0: one per usable core, at most this
-DEFAULT_MAX_PROCESSES = 4
-
-
-def receiver_processes(settings: Settings) -> int:
-    """How many receiver processes serve the port: the setting, or when it is 0 one per
-    usable core, at most :data:`DEFAULT_MAX_PROCESSES`.
-
-    Each process has one GIL for all its associations. On two cores, over four parallel
-    associations of 512 KB instances, two processes took in 26 % more than one (886 against
-    704/s, medians of four rounds taking turns); over one association they made the same.
-    More processes than cores made no more (README, Performance). Beyond four cores it is
-    not measured: set the number."""
-    return settings.receiver_processes or min(usable_cores(), DEFAULT_MAX_PROCESSES)
-
-
 def listening_socket(host: str, port: int) -> socket.socket:
     """A listening TCP socket that child processes can inherit."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -297,10 +281,10 @@ def start(settings: Settings, listen_fd: int | None = None,
         server = ae.start_server((settings.host, settings.port), block=False,
                                  evt_handlers=handlers, ssl_context=tls_context(settings))
     server.contexts = SharedContexts(server.contexts)
+    processes = receiver_processes(settings)
     if settings.metrics_port:
         # the first process's port sums every process's metrics (receiver.metrics.Combined)
-        peers = (range(settings.metrics_port + 1,
-                       settings.metrics_port + receiver_processes(settings))
+        peers = (range(settings.metrics_port + 1, settings.metrics_port + processes)
                  if settings.receiver_index == 0 else range(0))
         port = settings.metrics_port + settings.receiver_index
         try:
@@ -316,7 +300,7 @@ def start(settings: Settings, listen_fd: int | None = None,
     log.info("receiver %s listening on %s:%d%s (process %d of %d), spool %s, broker %s",
              settings.ae_title, settings.host, receiver.port,
              " (TLS)" if settings.tls_cert else "", settings.receiver_index + 1,
-             receiver_processes(settings), settings.spool_dir, redact_url(settings.redis_url))
+             processes, settings.spool_dir, redact_url(settings.redis_url))
     return receiver
 
 

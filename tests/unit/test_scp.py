@@ -51,7 +51,7 @@ def test_a_shared_socket_server_counts_the_connections_it_holds_open() -> None:
 
 
 def test_one_receiver_process_per_usable_core_by_default(settings: Settings) -> None:
-    from receiver.scp import DEFAULT_MAX_PROCESSES, receiver_processes
+    from ingest.settings import DEFAULT_MAX_PROCESSES, receiver_processes
 
     # INGEST_RECEIVER_PROCESSES=0 (the default): the cores this process may run on, at most 4
     assert Settings().receiver_processes == 0
