@@ -208,11 +208,9 @@ class TempFilePool:
 
     Creating a file costs an inode allocation, which on a filesystem where many files were
     recently deleted (a spool, whose entries the workers delete as they archive them) took
-    0.4 ms here. Taken from this pool, the C-STORE path does not wait for it. The receiver's
-    fast path takes one for the first C-STORE of an association and then makes its own
-    after each answer (:meth:`receiver.fastpath.FastPath._make_spare`); pynetdicom's path
-    takes one for every C-STORE. Pooled files are locked, so the sweeper leaves them be; the
-    ones left when the process ends are unlocked then, and it removes them later.
+    0.4 ms here. Taken from this pool, the C-STORE path does not wait for it. Pooled files
+    are locked, so the sweeper leaves them be; the ones left when the process ends are
+    unlocked then, and it removes them later.
     """
 
     def __init__(self, tmp_dir: Path, size: int = 16) -> None:
@@ -222,11 +220,6 @@ class TempFilePool:
         self._wanted = threading.Event()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="temp-files", daemon=True)
-
-    @property
-    def size(self) -> int:
-        """How many files the pool keeps ready."""
-        return self._size
 
     def start(self) -> None:
         self._thread.start()

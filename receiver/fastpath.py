@@ -35,7 +35,6 @@ from typing import Any
 
 from pynetdicom.dul import DULServiceProvider
 
-from ingest.spool import TempFile
 from receiver import statuses
 from receiver.handlers import Arrival, Received, StoreContext, account, hand_off, store
 from receiver.reactors import wait_readable
@@ -221,9 +220,6 @@ class FastPath:
         self._to_pynetdicom_until_done = False  # pynetdicom owns the current message
         self._store: _Store | None = None
         self._parties: _Parties | None = None  # the association's, once it is established
-        #: the temp file the next C-STORE streams into, made after the last one was answered
-        self._spare: TempFile | None = None
-        self._closed = False  # the connection closed: no more spares
 
     def install(self) -> None:
         self.dul._read_pdu_data = self.read_pdu  # type: ignore[method-assign]
@@ -474,10 +470,8 @@ class FastPath:
         if refusal is not None:  # past a spool limit: the dataset is not written at all
             stream = SpoolTempFile.failed(OSError(errno.ENOSPC, refusal))
         else:
-            with self._lock:
-                spare, self._spare = self._spare, None
             try:
-                stream = self.ctx.new_stream(spare=spare)
+                stream = self.ctx.new_stream()
             except OSError as exc:  # answered 0xA700 once the dataset has arrived
                 stream = SpoolTempFile.failed(exc)
         stream.write(meta)
@@ -500,27 +494,6 @@ class FastPath:
         if receipt is not None:
             hand_off(self.ctx, receipt)
         account(self.ctx, current.arrival, status, started)
-        self._make_spare()
-
-    def _make_spare(self) -> None:
-        """Make the file the next C-STORE of this association will stream into, now that
-        this one is answered: while the sender reads the answer and sends on, the socket
-        buffers what arrives. Made here, on the thread that reads the association, it costs
-        no thread switch and no wait for the GIL. Taken from the pool's thread instead, the
-        two threads handed the GIL back and forth: strace counted about ten futex calls per
-        instance over one association, against under one made here."""
-        if self._spare is not None or self._closed:
-            return
-        try:
-            spare = self.ctx.new_stream.spare()
-        except OSError:  # the disk: the next C-STORE tries again, and answers for it
-            return
-        with self._lock:
-            kept = not self._closed and self._spare is None
-            if kept:
-                self._spare = spare
-        if not kept:  # closed meanwhile
-            _drop(spare)
 
     def _respond(self, current: _Store, status: int) -> None:
         response = store_response(current.sop_class, current.sop_instance, current.message_id,
@@ -531,15 +504,6 @@ class FastPath:
             sock.send(command_pdus(current.context_id, response, max_pdu))
         if status != statuses.SUCCESS:
             log.debug("C-STORE status=0x%04X answered", status)
-
-    def close(self) -> None:
-        """The connection closed: drop the C-STORE in progress and the spare file."""
-        with self._lock:
-            self._closed = True
-            spare, self._spare = self._spare, None
-        if spare is not None:
-            _drop(spare)
-        self.abandon()
 
     def abandon(self) -> None:
         """Drop the C-STORE in progress (the association ended or broke before its dataset
@@ -562,15 +526,7 @@ def on_connection(event: Any, ctx: StoreContext) -> None:
 
 
 def on_closed(event: Any) -> None:
-    """EVT_CONN_CLOSE handler: discard a half-received dataset and the spare file."""
+    """EVT_CONN_CLOSE handler: discard a half-received dataset."""
     fast = getattr(event.assoc, "_dicom_ingest_fast_path", None)
     if isinstance(fast, FastPath):
-        fast.close()
-
-
-def _drop(temp: TempFile) -> None:
-    """Remove a temp file nothing was written to."""
-    with contextlib.suppress(OSError):
-        os.unlink(temp.path)
-    with contextlib.suppress(OSError):
-        os.close(temp.fd)
+        fast.abandon()

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple, Protocol
 from ingest.spool import Receipt, Spool, file_digests, new_receipt_id
 from receiver import statuses
 from receiver.metrics import ReceiverMetrics
-from receiver.streams import SpoolTempFile, Streams
+from receiver.streams import SpoolTempFile
 
 log = logging.getLogger("dicom_ingest.receiver")
 
@@ -48,7 +48,7 @@ class StoreContext:
     gate: Gate
     metrics: ReceiverMetrics
     #: makes the spool file a dataset streams into (the same for pynetdicom's path)
-    new_stream: Streams
+    new_stream: Callable[[], SpoolTempFile]
 
 
 class Received(NamedTuple):

@@ -433,21 +433,11 @@ class Streams:
         self.direct = direct  # direct I/O where the filesystem allows
         self.asynchronous = asynchronous  # those writes submitted with Linux AIO where allowed
 
-    def __call__(self, *args: Any, spare: TempFile | None = None,
-                 **kwargs: Any) -> SpoolTempFile:
-        """A stream into ``spare`` (a temp file its caller made ahead), else into one from
-        the pool (or a new one)."""
+    def __call__(self, *args: Any, **kwargs: Any) -> SpoolTempFile:
         spool = self.spool
-        temp = spare
-        if temp is None and spool.temp_files is not None:
-            temp = spool.temp_files.take()
+        temp = spool.temp_files.take() if spool.temp_files is not None else None
         return SpoolTempFile(spool.tmp, temp, direct=self.direct,
                              asynchronous=self.asynchronous)
-
-    def spare(self) -> TempFile:
-        """A new temp file for a later stream (:meth:`__call__`); OSError when it cannot be
-        made."""
-        return create_temp(self.spool.tmp)
 
 
 def install(streams: Streams) -> None:

@@ -206,30 +206,3 @@ def test_an_instance_refused_for_back_pressure_never_reaches_the_disk(
     assert sent == [statuses.OUT_OF_RESOURCES]
     assert largest == 0  # not a byte of it in the spool's temp files
     assert len(entries(settings)) == 1
-
-
-def test_the_file_made_ahead_for_the_next_instance_goes_with_the_association(
-        tmp_path: Path, settings: Settings, start_receiver: Any) -> None:
-    """After each answer the fast path makes the file the association's next C-STORE will
-    stream into. Once the association is released the last one, never used, is removed and
-    closed: nothing is left in the spool's tmp/ that was not there before, and no file
-    descriptor is left open."""
-    import os
-
-    from ingest.spool import TempFilePool
-
-    receiver = start_receiver(settings)
-    tmp = settings.spool_dir / "tmp"
-    pool = TempFilePool(tmp).size
-    wait_for(lambda: len(os.listdir(tmp)) == pool, 10, what="the temp-file pool filled")
-    before, fds = set(os.listdir(tmp)), len(os.listdir("/proc/self/fd"))
-    # the first C-STORE takes one file of the pool, which refills only once half of it is
-    # gone; the next two stream into the files made ahead
-    files = [make_instance(tmp_path / f"{n}.dcm") and tmp_path / f"{n}.dcm" for n in range(3)]
-    assert pynetdicom_send(receiver.port, files) == [statuses.SUCCESS] * 3
-    assert len(entries(settings)) == 3
-    wait_for(lambda: set(os.listdir(tmp)) < before, 10,
-             what=f"no new file left in tmp/: {sorted(set(os.listdir(tmp)) - before)}")
-    assert len(os.listdir(tmp)) == pool - 1
-    wait_for(lambda: len(os.listdir("/proc/self/fd")) == fds - 1, 10,
-             what=f"{fds - 1} open files, not {len(os.listdir('/proc/self/fd'))}")
