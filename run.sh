@@ -67,6 +67,11 @@ case "${1:-}" in
     if ! command -v dcmsend >/dev/null 2>&1; then
       apt_install dcmtk || say "DCMTK not installed: its tests will skip (they fail under CI=true)"
     fi
+    # the bench's storescp that fsyncs before it answers is checked with strace, built with cc
+    if ! command -v strace >/dev/null 2>&1 || ! command -v cc >/dev/null 2>&1; then
+      apt_install strace gcc libc6-dev ||
+        say "strace or cc missing: the test of the bench's durable storescp will skip"
+    fi
     say "ruff"
     .venv/bin/ruff check .
     say "mypy"

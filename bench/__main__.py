@@ -28,10 +28,12 @@ from typing import Any, TypeVar
 from bench.corpus import make_corpus, make_large
 from bench.servers import (
     NODELAY,
+    DurableStorescp,
     Orthanc,
     Ours,
     Server,
     Storescp,
+    build_fsync_before_answer,
     free_port,
     receiver_pids,
     wait_port,
@@ -280,9 +282,13 @@ def main() -> int:
                         "one per core, at most 4)")
     parser.add_argument("--rounds", type=int, default=4,
                         help="rounds of the receive runs (the receivers taking turns in an "
-                        "order that changes each round: with 4 receivers, Orthanc included, "
-                        "each runs once in each place and once right after each of the "
-                        "others) and of the end-to-end runs; each figure is the median (4)")
+                        "order that changes each round: with 4 receivers (DCMTK as it is and "
+                        "fsyncing before it answers, Orthanc, ours) each runs once in each "
+                        "place and once right after each of the others) and of the end-to-end "
+                        "runs; each figure is the median (4)")
+    parser.add_argument("--fast-path-off", action="store_true",
+                        help="also run ours with its fast path off (pynetdicom's own C-STORE "
+                        "handling), as a fifth receiver")
     parser.add_argument("--only", choices=("receive", "e2e", "memory"), action="append",
                         help="run only this part (repeatable); default: all three")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -295,7 +301,7 @@ def main() -> int:
     from ingest.embedded import EmbeddedRedis
 
     need = space_needed(args.count, args.small, args.large_mb, args.rounds, parts,
-                        receivers=4 if Orthanc.available() else 3)
+                        receivers=(3 + Orthanc.available() + args.fast_path_off))
     free = shutil.disk_usage(tempfile.gettempdir()).free
     if free < need:
         print(f"bench: needs about {need / 1e9:.1f} GB free in {tempfile.gettempdir()}, "
@@ -314,7 +320,8 @@ def main() -> int:
     processes = {"INGEST_RECEIVER_PROCESSES": str(max(1, args.receiver_processes))}
     try:
         if "receive" in parts:
-            receive(report, work, redis, ct, small, processes, args.rounds)
+            receive(report, work, redis, ct, small, processes, args.rounds,
+                    args.fast_path_off)
         if "e2e" in parts:
             end_to_end(report, work, redis, ct, args.workers, processes, args.rounds)
         if "memory" in parts:
@@ -356,6 +363,24 @@ def space_needed(count: int, small: int, large_mb: int, rounds: int, parts: set[
     return need + need // 10
 
 
+def receivers(work: Path, fast_path_off: bool = False
+              ) -> list[tuple[str, type[Server] | None]]:
+    """The receivers of the receive runs, by name; None stands for ours."""
+    servers: list[tuple[str, type[Server] | None]] = [("DCMTK storescp", Storescp)]
+    DurableStorescp.library = build_fsync_before_answer(work)
+    if DurableStorescp.library is not None:
+        servers.append((DurableStorescp.name, DurableStorescp))
+    else:
+        print("bench: no C compiler (cc): DCMTK storescp runs only as it is, without the row "
+              "that has it fsync before it answers", flush=True)
+    if Orthanc.available():
+        servers.append(("Orthanc", Orthanc))
+    servers.append(("dicom-ingest", None))
+    if fast_path_off:
+        servers.append(("dicom-ingest, fast path off", None))
+    return servers
+
+
 def turns(servers: list[T], round_index: int) -> list[T]:
     """The order in which the receivers take their turns in round ``round_index`` (from 0):
     the rows of a Williams design, a Latin square balanced for what ran just before. Over as
@@ -382,17 +407,15 @@ def turns(servers: list[T], round_index: int) -> list[T]:
 
 
 def receive(report: Report, work: Path, redis: Any, ct: list[Path], small: list[Path],
-            processes: dict[str, str], rounds: int) -> None:
+            processes: dict[str, str], rounds: int, fast_path_off: bool = False) -> None:
     """Receive throughput over 1 and 4 associations, C-STORE round trip, association set-up:
-    DCMTK storescp, Orthanc when installed, ours with and without its fast path. The
-    receivers take turns, ``rounds`` times, in an order that changes each round (the rows
-    of a Williams design, :func:`turns`), and each figure is the median of its rounds: on a
-    shared machine the speed of the disk and the CPU drifts by half within minutes."""
-    servers: list[tuple[str, type[Server] | None]] = [("DCMTK storescp", Storescp)]
-    if Orthanc.available():
-        servers.append(("Orthanc", Orthanc))
-    servers.append(("dicom-ingest", None))
-    servers.append(("dicom-ingest, fast path off", None))
+    DCMTK storescp as it is and made to fsync before it answers (where a C compiler builds
+    its LD_PRELOAD library), Orthanc when installed, ours (and, with ``fast_path_off``, ours
+    without its fast path). The receivers take turns, ``rounds`` times, in an order that
+    changes each round (the rows of a Williams design, :func:`turns`), and each figure is
+    the median of its rounds: on a shared machine the speed of the disk and the CPU drifts
+    by half within minutes."""
+    servers = receivers(work, fast_path_off)
     base: dict[str, float] = {}
 
     def run_server(name: str, cls: type[Server] | None, sub: str) -> Server:

@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.report import DURABLE_DCMTK
+
 NODELAY = {"TCP_NODELAY": "1"}  # Debian's DCMTK otherwise stalls ~40 ms per C-STORE
 
 
@@ -83,9 +85,45 @@ class Storescp(Server):
         self.proc = subprocess.Popen(
             [shutil.which("storescp") or "storescp", "--fork", "+xa", "-od", str(out),
              str(self.port)],
-            env=dict(os.environ, **NODELAY), stdout=self.log, stderr=subprocess.STDOUT)
+            env=self.environment(), stdout=self.log, stderr=subprocess.STDOUT)
         wait_port(self.port, self.proc)
         return self
+
+    def environment(self) -> dict[str, str]:
+        return dict(os.environ, **NODELAY)
+
+
+#: the LD_PRELOAD library that makes storescp fsync what it received before it answers
+FSYNC_BEFORE_ANSWER = Path(__file__).with_name("fsync_before_answer.c")
+
+
+def build_fsync_before_answer(folder: Path) -> Path | None:
+    """Compile :data:`FSYNC_BEFORE_ANSWER` into ``folder``; None without a C compiler (or
+    when it fails to build, with the compiler's message printed)."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    library = folder / "fsync_before_answer.so"
+    result = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", str(library),
+                             str(FSYNC_BEFORE_ANSWER), "-ldl"], capture_output=True, text=True)
+    if result.returncode != 0:
+        print(f"bench: could not build {FSYNC_BEFORE_ANSWER.name}: {result.stderr[-500:]}")
+        return None
+    return library
+
+
+class DurableStorescp(Storescp):
+    """DCMTK's storescp made to keep the spool's promise: each received file, then its
+    directory, fsynced before the C-STORE response (``fsync_before_answer.c``, loaded with
+    LD_PRELOAD). What DCMTK pays for the durability ours gives, in the same run."""
+
+    name = DURABLE_DCMTK
+    library: Path | None = None  # set once the bench has built it
+
+    def environment(self) -> dict[str, str]:
+        if self.library is None:
+            raise RuntimeError("build_fsync_before_answer() first")
+        return super().environment() | {"LD_PRELOAD": str(self.library)}
 
 
 class Orthanc(Server):
