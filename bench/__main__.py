@@ -371,8 +371,9 @@ def receivers(work: Path, fast_path_off: bool = False
     if DurableStorescp.library is not None:
         servers.append((DurableStorescp.name, DurableStorescp))
     else:
-        print("bench: no C compiler (cc): DCMTK storescp runs only as it is, without the row "
-              "that has it fsync before it answers", flush=True)
+        print("bench: no C compiler (cc), or fsync_before_answer.c did not build: DCMTK "
+              "storescp runs only as it is, without the row that has it fsync before it "
+              "answers", flush=True)
     if Orthanc.available():
         servers.append(("Orthanc", Orthanc))
     servers.append(("dicom-ingest", None))
