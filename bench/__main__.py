@@ -1,6 +1,10 @@
 """``python -m bench``: dicom-ingest against DCMTK storescp (and Orthanc when installed), in
 one run on this machine. Prints a table, writes bench/results/RESULTS.md and a PNG chart.
 
+DCMTK runs twice: as it is, and made to fsync each received file and its directory before it
+answers (bench/fsync_before_answer.c, built with cc, loaded with LD_PRELOAD), which is the
+promise our spool keeps before 0x0000: what that durability costs DCMTK, in the same run.
+
 Senders are DCMTK's storescu with TCP_NODELAY=1 for throughput, and pynetdicom (one instance
 at a time) for the C-STORE round-trip latency. Figures are ratios against DCMTK from the same
 run: absolute numbers drift on a shared machine.
