@@ -215,16 +215,24 @@ class Ours(Server):
         return max(peaks)
 
 
-def receiver_pids(first: int) -> list[int]:
-    """The first receiver process and the extra ones it started (not its publishers)."""
-    pids = [first]
+def children(parent: int) -> list[int]:
+    """The processes whose parent is ``parent`` (from /proc)."""
+    pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError, IndexError):
             stat = (entry / "stat").read_text()
-            parent = int(stat.rsplit(")", 1)[1].split()[1])
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            if parent == first and b"receiver" in cmdline:
+            if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
                 pids.append(int(entry.name))
+    return pids
+
+
+def receiver_pids(first: int) -> list[int]:
+    """The first receiver process and the extra ones it started (not its publishers)."""
+    pids = [first]
+    for pid in children(first):
+        with contextlib.suppress(OSError):
+            if b"receiver" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+                pids.append(pid)
     return pids

@@ -4,6 +4,7 @@ then its directory before it writes the C-STORE response."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -11,7 +12,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from bench.servers import build_fsync_before_answer, free_port, wait_port
+from bench.servers import build_fsync_before_answer, children, free_port, wait_port
 from tests.support import dcmtk, dcmtk_env, make_instance, need
 
 _CALL = re.compile(r"^\d+\s+(\w+)\((.*)\)\s+=\s+(-?\d+)")
@@ -74,14 +75,9 @@ def test_storescp_fsyncs_each_file_and_its_directory_before_it_answers(tmp_path:
 def _stop_traced(proc: subprocess.Popen[bytes]) -> None:
     """Stop storescp, then strace, which ends with it (strace itself would detach on SIGTERM
     and leave storescp running)."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            if parent == proc.pid:
-                os.kill(int(entry.name), signal.SIGTERM)
+    for pid in children(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
     try:
         proc.wait(30)
     except subprocess.TimeoutExpired:
