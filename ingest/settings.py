@@ -62,7 +62,9 @@ class Settings:
     receiver_processes: int = 0
     receiver_index: int = 0  # set by the receiver for its extra processes
     receiver_fast_path: bool = True  # C-STOREs straight from the socket to the spool
-    spool_direct_io: bool = True  # spool files written with O_DIRECT where the filesystem allows
+    #: spool files written with O_DIRECT where the filesystem allows (off: through the page
+    #: cache, whose writeback starts as the file grows; see README "Performance")
+    spool_direct_io: bool = False
     spool_async_io: bool = True  # those direct writes submitted with Linux AIO, not waited for
     flower_port: int = 5555
     flower_basic_auth: str = field(default="", repr=False)  # user:password
