@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+import pynetdicom.dimse_messages
 import pytest
 
 from ingest.scu import associate
@@ -53,6 +54,8 @@ def test_stored_bytes_and_receipt(tmp_path: Path, settings: Settings, start_rece
     size and CRC-32 are the file's (the workers take the sha256)."""
     receiver = start_receiver(settings.replace(receiver_fast_path=fast_path, max_pdu=max_pdu,
                                                spool_direct_io=direct_io))
+    # both ways in make their spool files with the streams the receiver installed
+    assert pynetdicom.dimse_messages.NamedTemporaryFile.direct is direct_io
     files = {}
     for n, size in enumerate((0, 1000, 70_000, 600_000, 3_000_000)):
         files[make_instance(tmp_path / f"{n}.dcm", pixel_bytes=size)] = tmp_path / f"{n}.dcm"
