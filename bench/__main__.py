@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bench.corpus import make_corpus, make_large
+from bench.report import DISK_ALONE
 from bench.servers import (
     NODELAY,
     DurableStorescp,
@@ -442,7 +443,7 @@ def receive(report: Report, work: Path, redis: Any, ct: list[Path], small: list[
     sync_ms: list[float] = []  # from the fsync on, per file, one thread
     round_trips: dict[str, list[float]] = {}  # C-STORE round trips (ms) of all rounds
     setups: dict[str, list[float]] = {}
-    floor = "the disk alone: write, fsync, rename, fsync dir"
+    floor = DISK_ALONE
     for r in range(rounds):
         for label, files, assocs in tests[:2]:
             rate, sync = durable_floor(work / f"floor{r}-{assocs}", files[0].stat().st_size,
