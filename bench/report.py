@@ -11,7 +11,8 @@ OURS = "dicom-ingest"
 DURABLE_DCMTK = "DCMTK storescp, fsync before answer"
 #: the loop that makes 512 KB files durable, with no network and no DICOM: about the most
 #: that a receiver which fsyncs before it answers can take in on the same machine (over one
-#: association the next instance comes only after the answer, so nothing overlaps the disk)
+#: association the next instance comes only after the answer, so the disk's work for one
+#: instance cannot overlap the next one's)
 DISK_ALONE = "the disk alone: write, fsync, rename, fsync dir"
 
 
