@@ -481,8 +481,7 @@ def receive(report: Report, work: Path, redis: Any, ct: list[Path], small: list[
                     f"waits for each answer, so DCMTK's cycle plus these fsyncs would give "
                     f"1/(1/DCMTK + {sync:.2f} ms) = {estimate:.0f}/s = {estimate / dcmtk:.2f}x "
                     f"DCMTK here (a receiver that writes through the page cache like DCMTK, "
-                    f"then fsyncs; ours has the kernel start writing back as the data "
-                    f"arrives)")
+                    f"then fsyncs; ours writes each instance out while it arrives)")
         else:
             note = f"{assocs} threads: write, fsync, rename, fsync dir through the page cache"
         report.add(Row(f"{label} (instances/s)", floor, statistics.median(runs), "files/s",

@@ -20,8 +20,8 @@ def targets(rows: list[Any]) -> list[tuple[str, str, bool | None]]:
     """Issue 5's targets against the rows of one run: (target, this run's value, met; None
     where the run did not measure it)."""
 
-    def row(test: str) -> Any:
-        return next((r for r in rows if r.server == OURS and r.test == test), None)
+    def row(test: str, server: str = OURS) -> Any:
+        return next((r for r in rows if r.server == server and r.test == test), None)
 
     found: list[tuple[str, str, bool | None]] = []
     for label, test, least in (
@@ -31,8 +31,7 @@ def targets(rows: list[Any]) -> list[tuple[str, str, bool | None]]:
              "512 KB, 4 associations (instances/s)", 1.0)):
         r = row(test)
         value = f"{r.ratio:.2f}x" if r and r.ratio is not None else ""
-        durable = next((d for d in rows if d.server == DURABLE_DCMTK and d.test == test), None)
-        disk = next((d for d in rows if d.server == DISK_ALONE and d.test == test), None)
+        durable, disk = row(test, DURABLE_DCMTK), row(test, DISK_ALONE)
         context = []
         if disk is not None and disk.ratio is not None:
             context.append(f"the disk alone, no DICOM: {disk.ratio:.2f}x")
