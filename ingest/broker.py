@@ -6,8 +6,9 @@ from typing import Any
 
 from celery import Celery
 
-from ingest.messages import QUEUE
+from ingest.messages import QUEUE, queue_for
 from ingest.settings import Settings
+from ingest.spool import Spool
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -28,7 +29,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "retry_on_timeout": True,
             "health_check_interval": 25,
         },
-        "task_default_queue": QUEUE,
+        "task_default_queue": QUEUE,  # every send names its spool's queue
         "task_serializer": "json",
         "accept_content": ["json"],
         "task_ignore_result": True,
@@ -43,13 +44,23 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-def queue_length(redis_url: str) -> int | None:
-    """Messages waiting in the archive queue, or None when Redis cannot be reached."""
+def archive_queue(settings: Settings) -> str:
+    """The archive queue of the configured spool (``INGEST_SPOOL_ID``, else the spool's own
+    id); the spool directory is made if it is not there."""
+    if settings.spool_id:
+        return queue_for(settings.spool_id)
+    spool = Spool(settings.spool_dir)
+    spool.ensure()
+    return queue_for(spool.identity())
+
+
+def queue_length(redis_url: str, queue: str) -> int | None:
+    """Messages waiting in ``queue``, or None when Redis cannot be reached."""
     import redis
 
     try:
         with redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2) as r:
-            return int(r.llen(QUEUE))
+            return int(r.llen(queue))
     except redis.RedisError:
         return None
 

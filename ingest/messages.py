@@ -7,8 +7,16 @@ from typing import TypeGuard
 
 #: The Celery task that archives one spool entry; its only argument is the receipt id.
 ARCHIVE_TASK = "dicom_ingest.archive"
-#: The queue (a Redis list of the same name) that carries archive tasks.
+#: The archive queues' common name: each spool has its own queue, ``{QUEUE}.{spool id}`` (a
+#: Redis list of that name), so that its tasks reach only workers that see that spool. Workers
+#: also take tasks from a queue of this plain name, where receivers before per-spool queues
+#: put them.
 QUEUE = "dicom-ingest"
+
+
+def queue_for(spool_id: str) -> str:
+    """The archive queue of the spool with this id."""
+    return f"{QUEUE}.{spool_id}"
 
 _RECEIPT_ID = re.compile(r"^[0-9]{8}T[0-9]{6}-[0-9a-f]{16}$")
 

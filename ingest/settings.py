@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,8 @@ from typing import Any
 PREFIX = "INGEST_"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DUPLICATE_POLICIES = ("reject", "overwrite", "version")
+UNKNOWN_SOP_CLASSES = ("accept", "reject")
+_SPOOL_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 LOG_FORMATS = ("text", "json")
 
 
@@ -29,6 +32,8 @@ class Settings:
     max_associations: int = 32
     max_pdu: int = 0  # 0: unlimited (we accept whatever the sender proposes)
     spool_dir: Path = Path("./data/spool")
+    #: names the archive queue of this spool; "": the id kept in the spool directory
+    spool_id: str = ""
     redis_url: str = DEFAULT_REDIS_URL
     redis_url_explicit: bool = False  # INGEST_REDIS_URL was set (``up`` starts Redis otherwise)
     archive_url: str = "./data/archive"
@@ -42,6 +47,8 @@ class Settings:
     allowed_calling_aets: tuple[str, ...] = ()
     require_called_aet: bool = False
     duplicate_policy: str = "reject"
+    #: "accept": any storage SOP class, private and unknown ones too; "reject": the standard list
+    unknown_sop_classes: str = "accept"
     spool_min_free_mb: int = 512
     spool_max_depth: int = 0  # 0: no limit
     spool_max_age: float = 0.0  # seconds; 0: no limit
@@ -170,6 +177,10 @@ def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Sett
         values["max_pdu"] = _int("MAX_PDU", v)
     if (v := get("SPOOL_DIR")) is not None:
         values["spool_dir"] = Path(v)
+    if (v := get("SPOOL_ID")) is not None:
+        if not _SPOOL_ID.match(v):
+            raise SettingsError(f"{PREFIX}SPOOL_ID={v!r}: 1 to 64 letters, digits, - or _")
+        values["spool_id"] = v
     if (v := get("REDIS_URL")) is not None:
         values["redis_url"] = v
         values["redis_url_explicit"] = True
@@ -197,6 +208,8 @@ def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Sett
         values["require_called_aet"] = _bool("REQUIRE_CALLED_AET", v)
     if (v := get("DUPLICATE_POLICY")) is not None:
         values["duplicate_policy"] = _choice("DUPLICATE_POLICY", v, DUPLICATE_POLICIES)
+    if (v := get("UNKNOWN_SOP_CLASSES")) is not None:
+        values["unknown_sop_classes"] = _choice("UNKNOWN_SOP_CLASSES", v, UNKNOWN_SOP_CLASSES)
     if (v := get("SPOOL_MIN_FREE_MB")) is not None:
         values["spool_min_free_mb"] = _int("SPOOL_MIN_FREE_MB", v)
     if (v := get("SPOOL_MAX_DEPTH")) is not None:
@@ -257,6 +270,7 @@ def environment(settings: Settings) -> dict[str, str]:
         "MAX_ASSOCIATIONS": str(settings.max_associations),
         "MAX_PDU": str(settings.max_pdu),
         "SPOOL_DIR": str(settings.spool_dir),
+        "SPOOL_ID": settings.spool_id,
         "REDIS_URL": settings.redis_url,
         "ARCHIVE_URL": settings.archive_url,
         "SWEEP_INTERVAL": str(settings.sweep_interval),
@@ -269,6 +283,7 @@ def environment(settings: Settings) -> dict[str, str]:
         "ALLOWED_CALLING_AETS": ",".join(settings.allowed_calling_aets),
         "REQUIRE_CALLED_AET": str(settings.require_called_aet).lower(),
         "DUPLICATE_POLICY": settings.duplicate_policy,
+        "UNKNOWN_SOP_CLASSES": settings.unknown_sop_classes,
         "SPOOL_MIN_FREE_MB": str(settings.spool_min_free_mb),
         "SPOOL_MAX_DEPTH": str(settings.spool_max_depth),
         "SPOOL_MAX_AGE": str(int(settings.spool_max_age)),

@@ -292,6 +292,13 @@ def _attempts(raw: bytes) -> int:
         return 0  # garbled by a crash: start again
 
 
+def _read_id(path: Path) -> str:
+    value = path.read_text().strip()
+    if not value or not all(c.isalnum() or c in "-_" for c in value) or len(value) > 64:
+        raise SpoolError(f"{path} holds no spool id ({value!r:.40}); remove it to make one")
+    return value
+
+
 class Spool:
     """Paths and the durable write/remove protocol of one spool root."""
 
@@ -307,6 +314,24 @@ class Spool:
             path.mkdir(parents=True, exist_ok=True)
         if os.stat(self.entries).st_dev != os.stat(self.tmp).st_dev:
             raise SpoolError(f"{self.tmp} and {self.entries} must be on one filesystem")
+
+    def identity(self) -> str:
+        """This spool's id (``{root}/spool-id``, made at first use): receivers and workers
+        that share the spool read the same one, so its archive tasks reach only them."""
+        path = self.root / "spool-id"
+        with contextlib.suppress(FileNotFoundError):
+            return _read_id(path)
+        tmp = self.tmp / f"spool-id-{secrets.token_hex(8)}"
+        tmp.write_text(secrets.token_hex(6) + "\n")
+        try:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            with contextlib.suppress(FileExistsError):  # another process made it first
+                os.link(tmp, path)
+        finally:
+            tmp.unlink()
+        fsync_dir(self.root)
+        return _read_id(path)
 
     def dcm_path(self, receipt_id: str) -> Path:
         return self.entries / f"{check_receipt_id(receipt_id)}.dcm"

@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Any
 
-from ingest.broker import make_celery, queue_length
+from ingest.broker import archive_queue, make_celery, queue_length
 from ingest.scu import associate
 from ingest.settings import Settings, redact_url
 from ingest.spool import Spool
@@ -21,8 +21,9 @@ def sweep(settings: Settings) -> int:
     spool = Spool(settings.spool_dir)
     spool.ensure()
     app = make_celery(settings, "dicom-ingest-sweep")
-    result = sweep_once(spool, lambda rid: publish(app, rid), settings.sweep_age,
-                        queue_length=lambda: queue_length(settings.redis_url))
+    queue = archive_queue(settings)
+    result = sweep_once(spool, lambda rid: publish(app, queue, rid), settings.sweep_age,
+                        queue_length=lambda: queue_length(settings.redis_url, queue))
     print(f"requeued {result.requeued}, pending {result.pending}, orphans removed "
           f"{result.removed_orphans}, temp files removed {result.removed_temp}")
     if result.enqueue_failed:
@@ -65,7 +66,8 @@ def status(settings: Settings, as_json: bool) -> int:
     spool = Spool(settings.spool_dir)
     spool.ensure()
     depth, oldest = spool.stats()
-    queued = queue_length(settings.redis_url)
+    queue = archive_queue(settings)
+    queued = queue_length(settings.redis_url, queue)
     workers: list[str] | None = None
     if queued is None:
         print(f"dicom-ingest: broker unreachable at {redact_url(settings.redis_url)}",
@@ -84,7 +86,8 @@ def status(settings: Settings, as_json: bool) -> int:
         print(f"dicom-ingest: archive unreachable: {exc}", file=sys.stderr)
         quarantined = None
     report: dict[str, Any] = {"spool_depth": depth, "oldest_age_seconds": round(oldest, 1),
-                              "queue_length": queued, "quarantined": quarantined,
+                              "queue": queue, "queue_length": queued,
+                              "quarantined": quarantined,
                               "workers": workers}
     if as_json:
         print(json.dumps(report))
@@ -95,7 +98,7 @@ def status(settings: Settings, as_json: bool) -> int:
 
     print(f"spool depth      {depth}")
     print(f"oldest entry     {oldest:.0f} s" if depth else "oldest entry     -")
-    print(f"queue length     {show(queued)}")
+    print(f"queue length     {show(queued)} ({queue})")
     print(f"quarantined      {show(quarantined)}")
     print(f"workers          {show(len(workers) if workers is not None else None)}"
           + (f" ({', '.join(workers)})" if workers else ""))
@@ -133,11 +136,12 @@ def quarantine_replay(settings: Settings, ids: list[str], replay_all: bool) -> i
     spool = Spool(settings.spool_dir)
     spool.ensure()
     app = make_celery(settings, "dicom-ingest-replay")
+    queue = archive_queue(settings)
     targets = [r.receipt_id for r in records(archive, prefix)] if replay_all else ids
     failed = 0
     for receipt_id in targets:
         try:
-            replay(archive, prefix, spool, receipt_id, lambda rid: publish(app, rid))
+            replay(archive, prefix, spool, receipt_id, lambda rid: publish(app, queue, rid))
             print(f"replayed {receipt_id}")
         except Exception as exc:  # a bad id, a missing record, the broker down after the
             failed += 1              # spool write (then the sweeper enqueues it): say, go on

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any
 
 from ingest import logs
-from ingest.messages import ARCHIVE_TASK, QUEUE, MessageError, check_receipt_id
+from ingest.messages import ARCHIVE_TASK, MessageError, check_receipt_id
 from ingest.settings import Settings, environment
 
 if TYPE_CHECKING:  # the publisher process does without Celery: it starts sooner
@@ -55,10 +55,10 @@ GATHER_SECONDS = 0.01
 _GATHER_MOST = 256  # ids after which the child stops waiting for more
 
 
-def publish(app: Celery, receipt_id: str) -> None:
-    """Send one archive task with Celery (the sweeper, replay); raises when the broker
-    cannot take it."""
-    app.send_task(ARCHIVE_TASK, args=[receipt_id], queue=QUEUE, retry=True,
+def publish(app: Celery, queue: str, receipt_id: str) -> None:
+    """Send one archive task to ``queue`` with Celery (the sweeper, replay); raises when the
+    broker cannot take it."""
+    app.send_task(ARCHIVE_TASK, args=[receipt_id], queue=queue, retry=True,
                   retry_policy=_RETRY_POLICY)
 
 
@@ -239,7 +239,7 @@ class Publisher:
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
 
-def task_message(receipt_id: str, origin: str, reply_to: str) -> str:
+def task_message(receipt_id: str, origin: str, reply_to: str, queue: str) -> str:
     """The archive task for one receipt id, as Celery's ``send_task`` would put it on the
     Redis list: task protocol 2 (headers, and a body of args, kwargs and embed) in kombu's
     envelope (the body base64-encoded JSON, a fresh delivery tag). ``receipt_id`` has been
@@ -260,7 +260,7 @@ def task_message(receipt_id: str, origin: str, reply_to: str) -> str:
         },
         "properties": {
             "correlation_id": task_id, "reply_to": reply_to, "delivery_mode": 2,
-            "delivery_info": {"exchange": "", "routing_key": QUEUE}, "priority": 0,
+            "delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0,
             "body_encoding": "base64", "delivery_tag": str(uuid.uuid4()),
         },
     })
@@ -272,6 +272,9 @@ class QueueWriter:
     def __init__(self, settings: Settings) -> None:
         import redis
 
+        from ingest.broker import archive_queue
+
+        self.queue = archive_queue(settings)
         self._errors = (redis.ConnectionError, redis.TimeoutError)
         self._redis = redis.Redis.from_url(settings.redis_url, socket_timeout=10,
                                            socket_connect_timeout=5)
@@ -281,14 +284,15 @@ class QueueWriter:
     def push(self, receipt_ids: list[str]) -> None:
         """Enqueue one task per id, oldest first; raises when Redis cannot take them after
         two more tries (0.2 and 0.7 s later)."""
-        messages = [task_message(rid, self._origin, self._reply_to) for rid in receipt_ids]
+        messages = [task_message(rid, self._origin, self._reply_to, self.queue)
+                    for rid in receipt_ids]
         delays = [0.2, 0.5]
         while True:
             try:
                 # the list is the queue (kombu's binding records serve exchanges, which this
                 # does not go through). LPUSH a b leaves b leftmost; workers pop from the
                 # right, a first
-                self._redis.lpush(QUEUE, *messages)
+                self._redis.lpush(self.queue, *messages)
                 return
             except self._errors:
                 if not delays:

@@ -37,6 +37,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ingest.broker import make_celery, queue_length
+from ingest.messages import queue_for
 from ingest.settings import Settings, environment, receiver_processes, redact_url
 from ingest.spool import Spool, TempFilePool
 from receiver import fastpath, reactors, streams
@@ -141,7 +142,13 @@ def shared_server_class(listen_fd: int) -> type[SharedSocketServer]:
 
 
 def build_ae(settings: Settings) -> AE:
-    """An AE that accepts every storage SOP class in every transfer syntax, and C-ECHO."""
+    """An AE that accepts C-ECHO and the storage SOP classes in every transfer syntax: the
+    standard ones pynetdicom lists, and with ``INGEST_UNKNOWN_SOP_CLASSES=accept`` any other
+    (vendor-private ones, standard ones newer than pynetdicom), in the transfer syntax the
+    sender proposes first."""
+    # pynetdicom's documented switch: contexts of private or unknown abstract syntaxes are
+    # storage contexts, and every C-STORE goes to the storage handler
+    _config.UNRESTRICTED_STORAGE_SERVICE = settings.unknown_sop_classes == "accept"
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_associations = settings.max_associations
     ae.maximum_pdu_size = settings.max_pdu
@@ -227,6 +234,9 @@ def start(settings: Settings, listen_fd: int | None = None,
     ``before_serving`` runs once everything is built, just before this process serves."""
     spool = Spool(settings.spool_dir)
     spool.ensure()
+    # the publisher process and the sweeper send to this spool's queue
+    settings = settings.replace(spool_id=settings.spool_id or spool.identity())
+    queue = queue_for(settings.spool_id)
     spool.temp_files = TempFilePool(spool.tmp)
     spool.temp_files.start()
     # Stream every incoming dataset to a temp file on the spool filesystem, so memory does not
@@ -240,8 +250,8 @@ def start(settings: Settings, listen_fd: int | None = None,
     publisher = Publisher(settings, on_failure=metrics.enqueue_failures.inc)
     publisher.start()
     sweeper = PeriodicSweeper(
-        spool, lambda rid: publish(app, rid), settings.sweep_interval, settings.sweep_age,
-        queue_length=lambda: queue_length(settings.redis_url),
+        spool, lambda rid: publish(app, queue, rid), settings.sweep_interval,
+        settings.sweep_age, queue_length=lambda: queue_length(settings.redis_url, queue),
     )
     if settings.receiver_index == 0:  # one sweeper per spool is enough
         sweeper.start()

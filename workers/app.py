@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 
 from celery import Celery
+from kombu import Queue  # type: ignore[attr-defined]
 
-from ingest.broker import make_celery
+from ingest.broker import archive_queue, make_celery
 from ingest.messages import QUEUE
 from ingest.settings import Settings, usable_cores
 from workers import metrics, tasks
@@ -31,6 +32,10 @@ def create_app(settings: Settings) -> Celery:
     app = make_celery(settings, "dicom-ingest-worker")
     app.conf.worker_consumer = "workers.consumer:Consumer"  # task events in batches
     app.conf.worker_concurrency = settings.worker_concurrency or default_concurrency()
+    # this spool's queue, and the plain one that receivers of earlier versions send to
+    own = archive_queue(settings)
+    app.conf.task_queues = (Queue(own), Queue(QUEUE))  # type: ignore[no-untyped-call]
+    app.conf.task_default_queue = own
     tasks.register(app, lambda: Pipeline.from_settings(settings), settings.task_max_retries)
     return app
 
@@ -45,8 +50,6 @@ def run(settings: Settings, extra_args: list[str] | None = None) -> int:
     app = create_app(settings)
     argv = [
         "worker",
-        "-Q",
-        QUEUE,
         "-n",
         f"dicom-ingest-{os.getpid()}@%h",
         f"--loglevel={settings.log_level}",

@@ -1,7 +1,9 @@
 """Archive backends with one layout: S3 (through the ``minio`` client) and a local directory.
 
-Both translate their SDK's or the OS's errors into :class:`TransientError`: a storage failure
-is never the object's fault.
+Both translate their SDK's or the OS's errors by what they are: a service that is down, slow
+or failing is a :class:`TransientError` (retried), a refusal an operator must fix is a
+:class:`ConfigurationError` (retried too, and logged as an error). Anything else is a bug
+and surfaces as it is.
 """
 
 from __future__ import annotations
@@ -10,22 +12,41 @@ import contextlib
 import errno
 import hashlib
 import io
+import logging
 import os
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import BinaryIO, Protocol, TypeVar
 from urllib.parse import urlparse
 
 from ingest.settings import Settings
 from ingest.spool import file_digest, fsync_dir
-from workers.errors import TransientError
+from workers.errors import ConfigurationError, TransientError
+from workers.identity import DatasetIdentity, IdentityError, read_identity
+
+log = logging.getLogger("dicom_ingest.worker")
 
 META_PREFIX = "x-amz-meta-"
 #: why os.link may refuse where a copy still works: another filesystem, no hard links there
 _NO_LINK = {errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK}
+#: OS errors on the archive directory that an operator must fix
+_LOCAL_CONFIGURATION = {errno.EACCES, errno.EPERM, errno.EROFS}
+#: S3 error codes that mean the settings or the bucket are wrong, not the service down
+S3_CONFIGURATION_CODES = frozenset({
+    "AccessDenied", "AllAccessDisabled", "AccountProblem", "InvalidAccessKeyId",
+    "InvalidBucketName", "NoSuchBucket", "SignatureDoesNotMatch", "InvalidToken",
+    "ExpiredToken", "AuthorizationHeaderMalformed", "InvalidRegion", "PermanentRedirect",
+    "NotImplemented", "InvalidBucketState", "MethodNotAllowed",
+})
+#: S3 error codes of a busy or failing service: retry
+S3_TRANSIENT_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
+    "ServiceUnavailable", "RequestTimeTooSkewed", "OperationAborted", "BadDigest",
+    "IncompleteBody", "XMinioServerNotInitialized", "XMinioStorageFull",
+})
 
 
 def _umask() -> int:
@@ -52,6 +73,7 @@ class StoredObject:
     size: int
     sha256: str
     version_id: str | None = None
+    calling_aet: str = ""  # the sender of the archived copy, where its metadata says
 
 
 class Archive(Protocol):
@@ -60,6 +82,11 @@ class Archive(Protocol):
     description: str
 
     def head(self, key: str) -> StoredObject | None: ...
+
+    def dataset_identity(self, key: str) -> DatasetIdentity | None:
+        """The identity of the object's dataset (:mod:`workers.identity`), read from the
+        object itself; None when there is no such object or it is not a Part 10 file."""
+        ...
 
     def put_file(
         self, key: str, path: Path, size: int, sha256: str, metadata: dict[str, str]
@@ -126,13 +153,27 @@ class LocalArchive:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise TransientError(f"cannot stat {path}: {exc}") from exc
-        sha = ""
+            raise _local_error(exc, f"cannot stat {path}") from exc
+        sha, calling = "", ""
         with contextlib.suppress(OSError):
             sha = os.getxattr(path, self.XATTR + "sha256").decode()
+        with contextlib.suppress(OSError):
+            calling = os.getxattr(path, self.XATTR + "calling-aet").decode()
         if not sha:
             sha = file_digest(path)[1]
-        return StoredObject(key, size, sha)
+        return StoredObject(key, size, sha, calling_aet=calling)
+
+    def dataset_identity(self, key: str) -> DatasetIdentity | None:
+        try:
+            with open(self._path(key), "rb") as fh:
+                return read_identity(fh)
+        except FileNotFoundError:
+            return None
+        except IdentityError as exc:
+            log.warning("archived %s is not a Part 10 file we can compare: %s", key, exc)
+            return None
+        except OSError as exc:
+            raise _local_error(exc, f"cannot read {key}") from exc
 
     def put_file(
         self, key: str, path: Path, size: int, sha256: str, metadata: dict[str, str]
@@ -155,7 +196,7 @@ class LocalArchive:
                 written_sha = self._place(target, metadata, lambda tmp: _copy(src, tmp))
             stored_size = target.stat().st_size
         except OSError as exc:
-            raise TransientError(f"cannot write {target}: {exc}") from exc
+            raise _local_error(exc, f"cannot write {target}") from exc
         # what landed on disk is what we hashed while writing it
         return StoredObject(key, stored_size, written_sha)
 
@@ -163,7 +204,7 @@ class LocalArchive:
         try:
             self._place(self._path(key), {}, lambda tmp: _copy(io.BytesIO(data), tmp))
         except OSError as exc:
-            raise TransientError(f"cannot write {key}: {exc}") from exc
+            raise _local_error(exc, f"cannot write {key}") from exc
 
     def versioned_key(self, key: str, suffix: str) -> str:
         return f"{key[: -len('.dcm')]}.{suffix}.dcm" if key.endswith(".dcm") else f"{key}.{suffix}"
@@ -184,7 +225,7 @@ class LocalArchive:
         except FileNotFoundError:
             raise
         except OSError as exc:
-            raise TransientError(f"cannot read {key}: {exc}") from exc
+            raise _local_error(exc, f"cannot read {key}") from exc
 
     def download(self, key: str, path: Path) -> None:
         shutil.copyfile(self._path(key), path)
@@ -220,6 +261,12 @@ class LocalArchive:
         return made
 
 
+def _local_error(exc: OSError, what: str) -> TransientError:
+    if exc.errno in _LOCAL_CONFIGURATION:
+        return ConfigurationError(f"{what}: {exc} (check the archive directory's permissions)")
+    return TransientError(f"{what}: {exc}")
+
+
 class _NoLink(Exception):
     """os.link cannot give this file a name there; copy it instead."""
 
@@ -244,12 +291,17 @@ def _copy(src: io.BufferedIOBase | io.BytesIO, tmp: Path) -> str:
 
 
 class S3Archive:
-    """Any S3 service (MinIO, AWS, moto, ...) through the ``minio`` client."""
+    """Any S3 service (MinIO, AWS, moto, ...) through the ``minio`` client.
+
+    An object is verified by reading it back after the PUT and hashing what the service
+    returns: the check rests on the bytes the service stored, not on the metadata we sent."""
 
     def __init__(self, settings: Settings, bucket: str) -> None:
         import urllib3
         from minio import Minio
+        from minio.helpers import check_bucket_name
 
+        check_bucket_name(bucket)  # ValueError: a setting to fix, said at start
         endpoint, secure = settings.s3_endpoint, settings.s3_secure
         if "://" in endpoint:
             parsed = urlparse(endpoint)
@@ -272,24 +324,50 @@ class S3Archive:
         self.bucket = bucket
         self.description = f"s3://{bucket} at {endpoint}"
 
-    def _translate(self, exc: Exception, what: str) -> TransientError:
-        return TransientError(f"S3 {what} failed ({self.description}): {exc}")
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        """Translate the SDK's and the HTTP stack's errors met while doing ``what``."""
+        import urllib3
+        from minio.error import InvalidResponseError, S3Error, ServerError
+
+        try:
+            yield
+        except S3Error as exc:
+            status = getattr(exc.response, "status", 0) or 0
+            text = f"S3 {what} failed ({self.description}): {exc.code}: {exc.message}"
+            if exc.code in S3_CONFIGURATION_CODES:
+                raise ConfigurationError(text) from exc
+            if exc.code in S3_TRANSIENT_CODES or status >= 500 or status == 429:
+                raise TransientError(text) from exc
+            raise
+        except (ServerError, InvalidResponseError, urllib3.exceptions.HTTPError,
+                OSError) as exc:
+            raise TransientError(f"S3 {what} failed ({self.description}): {exc}") from exc
 
     def head(self, key: str) -> StoredObject | None:
         from minio.error import S3Error
 
         try:
-            stat = self.client.stat_object(self.bucket, key)
+            with self._errors(f"HEAD {key}"):
+                stat = self.client.stat_object(self.bucket, key)
         except S3Error as exc:
             if exc.code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
                 return None
-            raise self._translate(exc, f"HEAD {key}") from exc
-        except Exception as exc:
-            raise self._translate(exc, f"HEAD {key}") from exc
+            raise
         metadata = {k.lower(): v for k, v in (stat.metadata or {}).items()}
         return StoredObject(
-            key, int(stat.size or 0), metadata.get(META_PREFIX + "sha256", ""), stat.version_id
+            key, int(stat.size or 0), metadata.get(META_PREFIX + "sha256", ""), stat.version_id,
+            metadata.get(META_PREFIX + "calling-aet", ""),
         )
+
+    def dataset_identity(self, key: str) -> DatasetIdentity | None:
+        try:
+            return self._read(key, None, read_identity)
+        except FileNotFoundError:
+            return None
+        except IdentityError as exc:
+            log.warning("archived %s is not a Part 10 file we can compare: %s", key, exc)
+            return None
 
     def put_file(
         self, key: str, path: Path, size: int, sha256: str, metadata: dict[str, str]
@@ -298,74 +376,74 @@ class S3Archive:
             name: _safe_header(value) for name, value in metadata.items()
         }
         headers["sha256"] = sha256
+        with self._errors(f"PUT {key}"), open(path, "rb") as fh:
+            result = self.client.put_object(
+                self.bucket,
+                key,
+                fh,
+                size,
+                content_type="application/dicom",
+                metadata=headers,
+                part_size=PART_SIZE,
+            )
         try:
-            with open(path, "rb") as fh:
-                result = self.client.put_object(
-                    self.bucket,
-                    key,
-                    fh,
-                    size,
-                    content_type="application/dicom",
-                    metadata=headers,
-                    part_size=PART_SIZE,
-                )
-        except Exception as exc:
-            raise self._translate(exc, f"PUT {key}") from exc
-        stored = self.head(key)
-        if stored is None:
-            raise TransientError(f"S3 PUT {key} succeeded but the object is not there")
-        return StoredObject(key, stored.size, stored.sha256, result.version_id)
+            stored_size, stored_sha = self._read(key, result.version_id, _size_and_sha256)
+        except FileNotFoundError:
+            raise TransientError(f"S3 PUT {key} succeeded but the object is not there") from None
+        return StoredObject(key, stored_size, stored_sha, result.version_id)
+
+    def _read(self, key: str, version_id: str | None,
+              reader: Callable[[BinaryIO], _T]) -> _T:
+        """``reader`` applied to the object's bytes as the service returns them."""
+        from minio.error import S3Error
+
+        try:
+            with self._errors(f"GET {key}"):
+                response = self.client.get_object(self.bucket, key, version_id=version_id)
+                try:
+                    return reader(response)  # type: ignore[arg-type]  # file-like
+                finally:
+                    response.close()
+                    response.release_conn()
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchVersion"):
+                raise FileNotFoundError(key) from exc
+            raise
 
     def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
-        try:
+        with self._errors(f"PUT {key}"):
             self.client.put_object(
                 self.bucket, key, io.BytesIO(data), len(data), content_type=content_type
             )
-        except Exception as exc:
-            raise self._translate(exc, f"PUT {key}") from exc
 
     def versioned_key(self, key: str, suffix: str) -> str:
         return key  # the bucket's versioning keeps the earlier object
 
     def keeps_versions(self) -> bool:
-        try:
+        with self._errors("GET versioning"):
             status = self.client.get_bucket_versioning(self.bucket).status
-        except Exception as exc:
-            raise self._translate(exc, "GET versioning") from exc
         return bool(status == "Enabled")
 
     def list_keys(self, prefix: str) -> list[str]:
-        try:
+        with self._errors(f"LIST {prefix}"):
             return sorted(str(o.object_name) for o in
                           self.client.list_objects(self.bucket, prefix=prefix, recursive=True))
-        except Exception as exc:
-            raise self._translate(exc, f"LIST {prefix}") from exc
 
     def read_bytes(self, key: str) -> bytes:
-        from minio.error import S3Error
-
-        try:
-            response = self.client.get_object(self.bucket, key)
-            try:
-                return bytes(response.read())
-            finally:
-                response.close()
-                response.release_conn()
-        except S3Error as exc:
-            if exc.code == "NoSuchKey":
-                raise FileNotFoundError(key) from exc
-            raise self._translate(exc, f"GET {key}") from exc
-        except Exception as exc:
-            raise self._translate(exc, f"GET {key}") from exc
+        return self._read(key, None, lambda response: bytes(response.read()))
 
     def download(self, key: str, path: Path) -> None:
-        try:
+        with self._errors(f"GET {key}"):
             self.client.fget_object(self.bucket, key, str(path))
-        except Exception as exc:
-            raise self._translate(exc, f"GET {key}") from exc
 
     def delete(self, key: str) -> None:
-        try:
+        with self._errors(f"DELETE {key}"):
             self.client.remove_object(self.bucket, key)
-        except Exception as exc:
-            raise self._translate(exc, f"DELETE {key}") from exc
+
+
+def _size_and_sha256(fh: BinaryIO) -> tuple[int, str]:
+    digest, size = hashlib.sha256(), 0
+    while chunk := fh.read(_CHUNK):
+        digest.update(chunk)
+        size += len(chunk)
+    return size, digest.hexdigest()

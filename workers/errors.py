@@ -17,6 +17,12 @@ class TransientError(Exception):
     the spool keeps the object meanwhile."""
 
 
+class ConfigurationError(TransientError):
+    """The archive refuses us for a reason an operator must fix (access denied, no such
+    bucket, a read-only directory): logged as an error, retried like any transient failure,
+    so that nothing is lost while it is being fixed."""
+
+
 # reason codes of the quarantine (public: they appear in quarantine/{receipt}.json)
 UNREADABLE = "unreadable"
 TRUNCATED = "truncated"

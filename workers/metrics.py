@@ -44,7 +44,13 @@ def get() -> dict[str, Any]:
 
         _metrics["archived"] = Counter("dicom_ingest_archived", "Instances archived")
         _metrics["duplicates"] = Counter(
-            "dicom_ingest_already_archived", "Deliveries of instances already archived")
+            "dicom_ingest_already_archived",
+            "Deliveries of datasets already archived (resent, or by another sender), by the "
+            "sending AE title", ["calling_aet"])
+        _metrics["errors"] = Counter(
+            "dicom_ingest_task_errors",
+            "Tasks that failed, by kind: configuration (the archive refuses us), unexpected "
+            "(a bug: the poison rule ends a loop)", ["kind"])
         _metrics["quarantined"] = Counter(
             "dicom_ingest_quarantined", "Objects quarantined, by reason", ["reason"])
         _metrics["retries"] = Counter(

@@ -15,6 +15,7 @@ from ingest.spool import Receipt, Spool, file_digest
 from workers import errors
 from workers.archive import Archive, StoredObject, open_archive
 from workers.errors import PermanentError, TransientError
+from workers.identity import dataset_identity
 from workers.validate import Instance, inspect
 
 log = logging.getLogger("dicom_ingest.worker")
@@ -84,6 +85,12 @@ class Pipeline:
             if existing.sha256 == sha256 and existing.size == receipt.size:
                 log.info("already archived receipt=%s key=%s", receipt.receipt_id, key)
                 return Outcome.ALREADY_ARCHIVED
+            if self._same_dataset(key, receipt):
+                # the same dataset behind another File Meta: another sender, or a resend
+                log.info("already archived receipt=%s key=%s: the same dataset, now sent by "
+                         "%s (the archived copy came from %s)", receipt.receipt_id, key,
+                         receipt.calling_aet, existing.calling_aet or "an unrecorded sender")
+                return Outcome.ALREADY_ARCHIVED
             if self.duplicate_policy == "reject":
                 raise PermanentError(
                     errors.DUPLICATE_CONFLICT,
@@ -115,6 +122,16 @@ class Pipeline:
             stored.size,
         )
         return Outcome.ARCHIVED
+
+    def _same_dataset(self, key: str, receipt: Receipt) -> bool:
+        """Whether the archived object under ``key`` holds the dataset bytes, in the same
+        transfer syntax, that this spooled instance holds after its File Meta."""
+        theirs = self.archive.dataset_identity(key)
+        if theirs is None:
+            return False
+        with open(self.spool.dcm_path(receipt.receipt_id), "rb") as fh:  # OSError: retry
+            ours = dataset_identity(fh, receipt.dataset_offset, receipt.transfer_syntax)
+        return ours == theirs
 
     def _quarantine(self, receipt: Receipt, exc: PermanentError) -> None:
         data_key, reason_key = quarantine_keys(self.prefix, receipt.receipt_id)

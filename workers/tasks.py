@@ -14,7 +14,7 @@ from celery import Celery
 from ingest.messages import ARCHIVE_TASK, MessageError, check_receipt_id
 from ingest.spool import Receipt
 from workers import metrics
-from workers.errors import TransientError
+from workers.errors import ConfigurationError, TransientError
 from workers.pipeline import Outcome, Pipeline
 
 log = logging.getLogger("dicom_ingest.worker")
@@ -32,7 +32,7 @@ def observe(outcome: Outcome, receipt: Receipt, reason: str | None) -> None:
         m["archived"].inc()
         m["latency"].observe(max(0.0, time.time() - receipt.received_at))
     elif outcome is Outcome.ALREADY_ARCHIVED:
-        m["duplicates"].inc()
+        m["duplicates"].labels(receipt.calling_aet).inc()
     elif outcome is Outcome.QUARANTINED:
         m["quarantined"].labels(reason or "unknown").inc()
 
@@ -71,9 +71,15 @@ def register(app: Celery, make_pipeline: Callable[[], Pipeline], max_retries: in
         except (TransientError, OSError) as exc:  # the spool's disk, a service: not the object
             delay = backoff(self.request.retries)
             metrics.get()["retries"].inc()
-            log.warning(
-                "receipt=%s transient failure (attempt %d of %d), retry in %.0fs: %s",
+            configuration = isinstance(exc, ConfigurationError)
+            if configuration:
+                metrics.get()["errors"].labels("configuration").inc()
+            log.log(
+                logging.ERROR if configuration else logging.WARNING,
+                "receipt=%s %s (attempt %d of %d), retry in %.0fs: %s",
                 rid,
+                "the archive refuses us; fix its settings" if configuration
+                else "transient failure",
                 self.request.retries + 1,
                 max_retries + 1,
                 delay,
@@ -81,3 +87,9 @@ def register(app: Celery, make_pipeline: Callable[[], Pipeline], max_retries: in
             )
             # past max_retries this raises: the entry stays in the spool for the sweeper
             raise self.retry(exc=exc, countdown=delay) from exc
+        except Exception:
+            # a bug: it surfaces with its traceback; the entry stays in the spool with its
+            # attempt open, so the sweeper's deliveries end in quarantine as poison
+            metrics.get()["errors"].labels("unexpected").inc()
+            log.exception("receipt=%s unexpected error; the entry stays in the spool", rid)
+            raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import random
 import signal
@@ -26,6 +27,7 @@ from tests.support import (
     encode_dataset,
     free_port,
     hostile_dataset,
+    make_instance,
     make_segmentation,
     objects_under,
     port_open,
@@ -274,3 +276,44 @@ def test_a_sender_killed_mid_dataset_leaves_nothing_behind(pipeline: Pipeline,
     assert pynetdicom_send(pipeline.port, [tmp_path / "next.dcm"]) == [statuses.SUCCESS]
     wait_for(lambda: list(pipeline.archive.rglob(f"{uid}.dcm")), 30, what="the next instance")
     assert len(objects_under(pipeline.archive)) == 1
+
+
+@pytest.mark.parametrize("store", ["directory", "s3"])
+def test_the_same_instance_from_two_senders_is_archived_once(
+        tmp_path: Path, redis_url: str, store: str, request: pytest.FixtureRequest) -> None:
+    """A modality sends an instance, then a PACS forwards the identical file under its own AE
+    title: the receiver's File Meta differs (it names the sender), the dataset does not, so
+    the archive keeps one object and quarantines nothing; the log names the second sender."""
+    from tests.processes import start_pipeline
+
+    overrides: dict[str, object] = {}
+    if store == "s3":
+        bucket, endpoint = request.getfixturevalue("bucket"), request.getfixturevalue(
+            "s3_endpoint")
+        overrides = {"archive_url": f"s3://{bucket}", "s3_endpoint": endpoint,
+                     "s3_secure": False, "s3_access_key": "test", "s3_secret_key": "test",
+                     "s3_region": "us-east-1"}
+    source = tmp_path / "sent" / "ct.dcm"
+    source.parent.mkdir()
+    uid = make_instance(source, pixel_bytes=20_000)
+    meta = pydicom.dcmread(source)
+    key = instance_key("", meta.StudyInstanceUID, meta.SeriesInstanceUID, uid)
+    with start_pipeline(tmp_path, redis_url, **overrides) as running:
+        spool = running.settings.spool_dir / "entries"
+        for calling in ("MODALITY", "PACSFWD"):
+            run([dcmtk("dcmsend"), "-aet", calling, "-aec", "DICOM-INGEST", "127.0.0.1",
+                 str(running.port), str(source)], env=dcmtk_env())
+            wait_for(lambda: not list(spool.iterdir()), 60, what="the spool to empty")
+        log = running.log("worker")
+    assert "now sent by PACSFWD (the archived copy came from MODALITY)" in log, log
+    if store == "directory":
+        assert sorted(objects_under(running.archive)) == [key]
+        stored = (running.archive / key).read_bytes()
+    else:
+        client = request.getfixturevalue("minio_client")
+        names = sorted(o.object_name for o in client.list_objects(bucket, recursive=True))
+        assert names == [key]
+        stored = client.get_object(bucket, key).read()
+    assert split_part10(stored)[1] == split_part10(source.read_bytes())[1]
+    first = pydicom.dcmread(io.BytesIO(stored), stop_before_pixels=True).file_meta
+    assert first.SourceApplicationEntityTitle.strip() == "MODALITY"

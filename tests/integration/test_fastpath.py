@@ -22,8 +22,10 @@ from receiver.fastpath import encode_command_set
 from tests.support import (
     crc32,
     dataset_bytes,
+    encode_dataset,
     make_instance,
     pynetdicom_send,
+    raw_part10,
     split_part10,
     wait_for,
 )
@@ -211,4 +213,80 @@ def test_an_instance_refused_for_back_pressure_never_reaches_the_disk(
         watcher.join()
     assert sent == [statuses.OUT_OF_RESOURCES]
     assert largest == 0  # not a byte of it in the spool's temp files
+    assert len(entries(settings)) == 1
+
+
+#: vendor-private storage SOP classes and a standard-looking one pynetdicom does not list
+UNLISTED_SOP_CLASSES = {
+    "siemens-csa-non-image": "1.3.12.2.1107.5.9.1",
+    "philips-private-mr": "1.3.46.670589.11.0.0.12.2",
+    "ge-private-3d-model": "1.2.840.113619.4.26",
+    "unlisted-standard": "1.2.840.10008.5.1.4.1.1.999.1",
+}
+
+
+def _unlisted_instances(folder: Path) -> dict[str, Path]:
+    """SOP Instance UID -> a Part 10 file of each unlisted SOP class (and one CT)."""
+    folder.mkdir()
+    files = {}
+    for name, sop_class in UNLISTED_SOP_CLASSES.items():
+        ds = pydicom.Dataset()
+        ds.SOPClassUID = sop_class
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.StudyInstanceUID = ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+        ds.add_new(0x00291010, "OB", bytes(range(256)) * 40)  # a vendor's private payload
+        path = folder / f"{name}.dcm"
+        path.write_bytes(raw_part10(sop_class, ds.SOPInstanceUID, encode_dataset(ds)))
+        files[str(ds.SOPInstanceUID)] = path
+    uid = make_instance(folder / "ct.dcm", pixel_bytes=2000)
+    files[uid] = folder / "ct.dcm"
+    return files
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "pynetdicom"])
+def test_private_and_unlisted_sop_classes_are_accepted_and_archived_bit_for_bit(
+        tmp_path: Path, settings: Settings, start_receiver: Any, fast_path: bool) -> None:
+    """By default (INGEST_UNKNOWN_SOP_CLASSES=accept) a sender's private storage SOP classes
+    are accepted, spooled and archived with the dataset bytes it sent."""
+    from workers.pipeline import Outcome, Pipeline
+
+    receiver = start_receiver(settings.replace(receiver_fast_path=fast_path))
+    files = _unlisted_instances(tmp_path / "sent")
+    sent = pynetdicom_send(receiver.port, files.values(), calling="MODALITY1")
+    assert sent == [statuses.SUCCESS] * len(files)
+    spooled = entries(settings)
+    assert set(spooled) == set(files)
+    pipeline = Pipeline.from_settings(settings)
+    for receipt, _ in spooled.values():
+        assert pipeline.process(receipt.receipt_id) is Outcome.ARCHIVED
+    archived = {p.stem: p for p in (tmp_path / "archive").rglob("*.dcm")}
+    assert set(archived) == set(files)
+    for uid, path in files.items():
+        assert split_part10(archived[uid].read_bytes())[1] == dataset_bytes(path)
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "pynetdicom"])
+def test_unlisted_sop_classes_are_refused_when_so_configured(
+        tmp_path: Path, settings: Settings, start_receiver: Any, fast_path: bool) -> None:
+    """INGEST_UNKNOWN_SOP_CLASSES=reject: only the standard storage SOP classes pynetdicom
+    lists are accepted; a private one's presentation context is rejected at association."""
+    from pynetdicom import AE
+
+    receiver = start_receiver(settings.replace(receiver_fast_path=fast_path,
+                                               unknown_sop_classes="reject"))
+    files = _unlisted_instances(tmp_path / "sent")
+    ae = AE(ae_title="MODALITY1")
+    for sop_class in [*UNLISTED_SOP_CLASSES.values(), "1.2.840.10008.5.1.4.1.1.2"]:
+        ae.add_requested_context(sop_class, "1.2.840.10008.1.2.1")
+    assoc = associate(ae, "127.0.0.1", receiver.port, ae_title="DICOM-INGEST")
+    assert assoc.is_established
+    try:
+        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+        rejected = {str(cx.abstract_syntax) for cx in assoc.rejected_contexts}
+        assert accepted == {"1.2.840.10008.5.1.4.1.1.2"}
+        assert rejected == set(UNLISTED_SOP_CLASSES.values())
+        ct = next(p for p in files.values() if p.name == "ct.dcm")
+        assert int(assoc.send_c_store(ct).Status) == statuses.SUCCESS
+    finally:
+        assoc.release()
     assert len(entries(settings)) == 1

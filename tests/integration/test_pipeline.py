@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from ingest.broker import archive_queue
 from ingest.keys import instance_key
 from ingest.messages import ARCHIVE_TASK
 from ingest.settings import Settings
@@ -120,7 +121,6 @@ def test_the_publisher_writes_what_celery_writes_and_a_worker_takes_it(
     import redis
 
     from ingest.broker import make_celery
-    from ingest.messages import QUEUE
     from receiver.publisher import QueueWriter
     from tests.support import spool_entries
 
@@ -129,12 +129,13 @@ def test_the_publisher_writes_what_celery_writes_and_a_worker_takes_it(
     spool.ensure()
     entries = spool_entries(spool, tmp_path, 3)
     app = make_celery(settings, "test-publisher")
-    publish(app, entries[0].receipt_id)  # Celery's own
+    queue = archive_queue(settings)
+    publish(app, queue, entries[0].receipt_id)  # Celery's own
     writer = QueueWriter(settings)
     writer.push([entries[1].receipt_id, entries[2].receipt_id])  # ours, in one LPUSH
     writer.close()
     client = redis.Redis.from_url(redis_url)
-    queued = [json.loads(m) for m in reversed(client.lrange(QUEUE, 0, -1))]  # oldest first
+    queued = [json.loads(m) for m in reversed(client.lrange(queue, 0, -1))]  # oldest first
     client.close()
     assert len(queued) == 3
     celery, ours = queued[0], queued[1:]
@@ -173,10 +174,10 @@ def test_the_publisher_process_is_ready_when_start_returns(
 
     import redis
 
-    from ingest.messages import QUEUE
     from receiver.publisher import Publisher
 
     settings = settings.replace(redis_url=redis_url)
+    queue = archive_queue(settings)
     publisher = Publisher(settings)
     with caplog.at_level(logging.WARNING, logger="dicom_ingest"):
         publisher.start(ready_timeout=60)
@@ -185,9 +186,9 @@ def test_the_publisher_process_is_ready_when_start_returns(
         assert publisher._child is not None and publisher._child.poll() is None
         assert publisher._ready.is_set()
         client = redis.Redis.from_url(redis_url)
-        client.delete(QUEUE)
+        client.delete(queue)
         publisher.submit("20261128T070000-" + "a" * 16)
-        wait_for(lambda: client.llen(QUEUE) == 1, 30, what="the task on the queue")
+        wait_for(lambda: client.llen(queue) == 1, 30, what="the task on the queue")
         client.close()
     finally:
         publisher.stop()
@@ -213,7 +214,8 @@ def test_enqueue_failure_still_acks_and_the_sweeper_recovers(
     from ingest.broker import make_celery
 
     app = make_celery(live, "test-sweep")
-    result = sweep_once(spool, lambda rid: publish(app, rid), age=0)
+    queue = archive_queue(live)
+    result = sweep_once(spool, lambda rid: publish(app, queue, rid), age=0)
     assert result.requeued == 1
     wait_for(lambda: spool.depth() == 0, 30, what="an empty spool")
     assert [dataset_bytes(p) for p in Path(live.archive_url).rglob("*.dcm")] == [
@@ -414,7 +416,7 @@ def test_a_stopping_worker_sends_the_task_events_it_holds(
         with celery_start_worker(app, pool="solo", concurrency=1, perform_ping_check=False,
                                  shutdown_timeout=30, loglevel="WARNING"):
             for receipt in receipts:
-                publish(app, receipt.receipt_id)
+                publish(app, archive_queue(live), receipt.receipt_id)
             wait_for(lambda: spool.depth() == 0, 30, what="an empty spool")
             assert ours("task-received") == []  # held back, in a batch not yet due
         wait_for(lambda: len(ours("task-succeeded")) == 3, 30, 0.2,

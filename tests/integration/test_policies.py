@@ -113,7 +113,7 @@ def test_poison_after_unfinished_attempts(tmp_path: Path, settings: Settings) ->
 def test_transient_failures_do_not_count_as_poison(tmp_path: Path, settings: Settings) -> None:
     from tests.support import free_port
 
-    down = settings.replace(archive_url="s3://x", s3_endpoint=f"127.0.0.1:{free_port()}",
+    down = settings.replace(archive_url="s3://archive", s3_endpoint=f"127.0.0.1:{free_port()}",
                             s3_secure=False, poison_max_attempts=2)
     pipeline = Pipeline.from_settings(down)
     pipeline.spool.ensure()

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ingest.messages import QUEUE
+from ingest.messages import queue_for
 from ingest.settings import known_variables
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -166,8 +166,9 @@ def test_keda_scales_the_workers_on_our_queue(manifests: list[dict[str, Any]]) -
     assert scaled["spec"]["scaleTargetRef"]["name"] == "dicom-ingest-worker"
     trigger = scaled["spec"]["triggers"][0]
     assert trigger["type"] == "redis"
-    assert trigger["metadata"]["listName"] == QUEUE
     config = next(d for d in manifests if d["kind"] == "ConfigMap")["data"]
+    # the queue's name must be known before the spool exists: the spool id is set
+    assert trigger["metadata"]["listName"] == queue_for(config["INGEST_SPOOL_ID"])
     host = config["INGEST_REDIS_URL"].split("://")[1].split("/")[0]
     assert trigger["metadata"]["address"] == host
 
