@@ -83,6 +83,11 @@ class Archive(Protocol):
 
     def head(self, key: str) -> StoredObject | None: ...
 
+    def read_back(self, key: str) -> StoredObject | None:
+        """Size and sha256 of the bytes the store returns for ``key`` now (not of the
+        metadata we wrote); None when there is no such object."""
+        ...
+
     def dataset_identity(self, key: str) -> DatasetIdentity | None:
         """The identity of the object's dataset (:mod:`workers.identity`), read from the
         object itself; None when there is no such object or it is not a Part 10 file."""
@@ -162,6 +167,15 @@ class LocalArchive:
         if not sha:
             sha = file_digest(path)[1]
         return StoredObject(key, size, sha, calling_aet=calling)
+
+    def read_back(self, key: str) -> StoredObject | None:
+        try:
+            size, sha = file_digest(self._path(key))
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _local_error(exc, f"cannot read {key}") from exc
+        return StoredObject(key, size, sha)
 
     def dataset_identity(self, key: str) -> DatasetIdentity | None:
         try:
@@ -359,6 +373,13 @@ class S3Archive:
             key, int(stat.size or 0), metadata.get(META_PREFIX + "sha256", ""), stat.version_id,
             metadata.get(META_PREFIX + "calling-aet", ""),
         )
+
+    def read_back(self, key: str) -> StoredObject | None:
+        try:
+            size, sha = self._read(key, None, _size_and_sha256)
+        except FileNotFoundError:
+            return None
+        return StoredObject(key, size, sha)
 
     def dataset_identity(self, key: str) -> DatasetIdentity | None:
         try:

@@ -82,29 +82,10 @@ class Pipeline:
         sha256 = instance.sha256  # inspect() checked the file against the receipt
         existing = self.archive.head(key)
         if existing is not None:
-            if existing.sha256 == sha256 and existing.size == receipt.size:
-                log.info("already archived receipt=%s key=%s", receipt.receipt_id, key)
+            target = self._duplicate(key, existing, receipt, sha256)
+            if target is None:
                 return Outcome.ALREADY_ARCHIVED
-            if self._same_dataset(key, receipt):
-                # the same dataset behind another File Meta: another sender, or a resend
-                log.info("already archived receipt=%s key=%s: the same dataset, now sent by "
-                         "%s (the archived copy came from %s)", receipt.receipt_id, key,
-                         receipt.calling_aet, existing.calling_aet or "an unrecorded sender")
-                return Outcome.ALREADY_ARCHIVED
-            if self.duplicate_policy == "reject":
-                raise PermanentError(
-                    errors.DUPLICATE_CONFLICT,
-                    f"{key} already holds a different object (sha256 {existing.sha256[:12]}...)"
-                    f"; policy 'reject' keeps the first",
-                )
-            if self.duplicate_policy == "version":
-                if not self.archive.keeps_versions():
-                    raise TransientError(
-                        f"policy 'version' needs versioning on {self.archive.description}; "
-                        "the instance stays in the spool until it is turned on")
-                key = self.archive.versioned_key(key, receipt.receipt_id)
-            log.warning("duplicate receipt=%s key=%s: policy %s", receipt.receipt_id, key,
-                        self.duplicate_policy)
+            key = target
         stored = self.archive.put_file(
             key,
             self.spool.dcm_path(receipt.receipt_id),
@@ -122,6 +103,42 @@ class Pipeline:
             stored.size,
         )
         return Outcome.ARCHIVED
+
+    def _duplicate(self, key: str, existing: StoredObject, receipt: Receipt,
+                   sha256: str) -> str | None:
+        """Something is archived under ``key`` already: None when it is this instance (the
+        same file, or the same dataset behind another sender's File Meta), else the key to
+        write to under the duplicate policy (PermanentError: policy 'reject')."""
+        if existing.sha256 == sha256 and existing.size == receipt.size:
+            # the metadata says so; the bytes the store returns must say so too
+            held = self.archive.read_back(key)
+            if held is not None and (held.size, held.sha256) == (receipt.size, sha256):
+                log.info("already archived receipt=%s key=%s", receipt.receipt_id, key)
+                return None
+            log.warning("receipt=%s key=%s: the archived object is not the one its metadata "
+                        "describes; writing it again", receipt.receipt_id, key)
+            return key
+        if self._same_dataset(key, receipt):
+            # the same dataset behind another File Meta: another sender, or a resend
+            log.info("already archived receipt=%s key=%s: the same dataset, now sent by %s "
+                     "(the archived copy came from %s)", receipt.receipt_id, key,
+                     receipt.calling_aet, existing.calling_aet or "an unrecorded sender")
+            return None
+        if self.duplicate_policy == "reject":
+            raise PermanentError(
+                errors.DUPLICATE_CONFLICT,
+                f"{key} already holds a different object (sha256 {existing.sha256[:12]}...)"
+                f"; policy 'reject' keeps the first",
+            )
+        if self.duplicate_policy == "version":
+            if not self.archive.keeps_versions():
+                raise TransientError(
+                    f"policy 'version' needs versioning on {self.archive.description}; "
+                    "the instance stays in the spool until it is turned on")
+            key = self.archive.versioned_key(key, receipt.receipt_id)
+        log.warning("duplicate receipt=%s key=%s: policy %s", receipt.receipt_id, key,
+                    self.duplicate_policy)
+        return key
 
     def _same_dataset(self, key: str, receipt: Receipt) -> bool:
         """Whether the archived object under ``key`` holds the dataset bytes, in the same

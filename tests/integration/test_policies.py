@@ -172,3 +172,74 @@ def test_quarantine_list_and_replay(tmp_path: Path, settings: Settings, redis_ur
     status = json.loads(run(cli("status", "--json"), env=env).stdout)
     assert status["quarantined"] == 0 and status["queue_length"] == 0
     assert status["workers"] and len(status["workers"]) == 1
+
+
+def _s3_settings(settings: Settings, bucket: str, endpoint: str) -> Settings:
+    return settings.replace(archive_url=f"s3://{bucket}", s3_endpoint=endpoint,
+                            s3_secure=False)
+
+
+def test_a_store_that_returns_other_bytes_is_caught(tmp_path: Path, settings: Settings,
+                                                    bucket: str, s3_endpoint: str) -> None:
+    """The S3 check rests on the bytes the service returns: a store (here a proxy) that gives
+    back one byte changed fails the verification; the instance stays in the spool and is
+    archived once the store is right again."""
+    from tests.s3proxy import s3_proxy
+
+    with s3_proxy(s3_endpoint) as (endpoint, faults):
+        pipeline = Pipeline.from_settings(_s3_settings(settings, bucket, endpoint))
+        pipeline.spool.ensure()
+        make_instance(tmp_path / "a.dcm", **IDS)
+        receipt = spool_entry(pipeline.spool, (tmp_path / "a.dcm").read_bytes())
+        faults.corrupt_reads = True
+        for _ in range(2):  # the retry too: the object's metadata does not vouch for it
+            with pytest.raises(TransientError, match="does not match the spool"):
+                pipeline.process(receipt.receipt_id)
+            assert pipeline.spool.read_receipt(receipt.receipt_id) is not None
+        assert any(seen.startswith("GET /") for seen in faults.seen)
+        faults.corrupt_reads = False
+        assert pipeline.process(receipt.receipt_id) is Outcome.ALREADY_ARCHIVED
+        assert pipeline.spool.read_receipt(receipt.receipt_id) is None
+
+
+@pytest.mark.parametrize(("status", "code", "kind"), [
+    (403, "AccessDenied", "configuration"), (404, "NoSuchBucket", "configuration"),
+    (503, "SlowDown", "transient"), (500, "InternalError", "transient"),
+    (400, "EntityTooLarge", "unexpected"),
+])
+def test_storage_errors_are_classified_by_what_they_are(
+        tmp_path: Path, settings: Settings, bucket: str, s3_endpoint: str, status: int,
+        code: str, kind: str) -> None:
+    """What the S3 service answers decides: a refusal an operator must fix is a
+    ConfigurationError, a busy or failing service a TransientError (both retried, the
+    instance kept), anything else surfaces as it is (a bug: the poison rule ends it)."""
+    from minio.error import S3Error
+
+    from tests.s3proxy import s3_proxy
+    from workers.errors import ConfigurationError
+
+    expected: type[Exception] = {"configuration": ConfigurationError,
+                                 "transient": TransientError, "unexpected": S3Error}[kind]
+    with s3_proxy(s3_endpoint) as (endpoint, faults):
+        pipeline = Pipeline.from_settings(_s3_settings(settings, bucket, endpoint))
+        pipeline.spool.ensure()
+        make_instance(tmp_path / "a.dcm")
+        receipt = spool_entry(pipeline.spool, (tmp_path / "a.dcm").read_bytes())
+        faults.put_error = (status, code)
+        with pytest.raises(expected) as raised:
+            pipeline.process(receipt.receipt_id)
+    assert type(raised.value) is expected
+    assert pipeline.spool.read_receipt(receipt.receipt_id) is not None
+
+
+def test_a_missing_bucket_is_a_configuration_error(tmp_path: Path, settings: Settings,
+                                                   s3_endpoint: str) -> None:
+    from workers.errors import ConfigurationError
+
+    pipeline = Pipeline.from_settings(_s3_settings(settings, "no-such-bucket", s3_endpoint))
+    pipeline.spool.ensure()
+    make_instance(tmp_path / "a.dcm")
+    receipt = spool_entry(pipeline.spool, (tmp_path / "a.dcm").read_bytes())
+    with pytest.raises(ConfigurationError, match="NoSuchBucket"):
+        pipeline.process(receipt.receipt_id)
+    assert pipeline.spool.read_receipt(receipt.receipt_id) is not None
