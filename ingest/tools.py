@@ -77,17 +77,26 @@ def status(settings: Settings, as_json: bool) -> int:
         replies = app.control.ping(timeout=1.0) or []
         workers = sorted(name for reply in replies for name in reply)
     quarantined: int | None
+    archive_state = "ok"
     try:
         archive, prefix = open_archive(settings)
         from workers import quarantine
 
         quarantined = len(quarantine.records(archive, prefix))
     except Exception as exc:  # an operator command: say what is wrong, keep going
-        print(f"dicom-ingest: archive unreachable: {exc}", file=sys.stderr)
+        from workers.errors import ConfigurationError
+
+        if isinstance(exc, ConfigurationError):
+            archive_state = f"configuration error: {exc}"
+            print(f"dicom-ingest: the archive refuses us; fix its settings: {exc}",
+                  file=sys.stderr)
+        else:
+            archive_state = f"unreachable: {exc}"
+            print(f"dicom-ingest: archive unreachable: {exc}", file=sys.stderr)
         quarantined = None
     report: dict[str, Any] = {"spool_depth": depth, "oldest_age_seconds": round(oldest, 1),
                               "queue": queue, "queue_length": queued,
-                              "quarantined": quarantined,
+                              "quarantined": quarantined, "archive": archive_state,
                               "workers": workers}
     if as_json:
         print(json.dumps(report))
@@ -100,6 +109,7 @@ def status(settings: Settings, as_json: bool) -> int:
     print(f"oldest entry     {oldest:.0f} s" if depth else "oldest entry     -")
     print(f"queue length     {show(queued)} ({queue})")
     print(f"quarantined      {show(quarantined)}")
+    print(f"archive          {archive_state}")
     print(f"workers          {show(len(workers) if workers is not None else None)}"
           + (f" ({', '.join(workers)})" if workers else ""))
     return 0

@@ -19,6 +19,7 @@ from tests.support import (
     pynetdicom_send,
     run,
     spool_entry,
+    split_part10,
     wait_for,
 )
 from workers.errors import TransientError
@@ -226,20 +227,60 @@ def test_storage_errors_are_classified_by_what_they_are(
         make_instance(tmp_path / "a.dcm")
         receipt = spool_entry(pipeline.spool, (tmp_path / "a.dcm").read_bytes())
         faults.put_error = (status, code)
-        with pytest.raises(expected) as raised:
-            pipeline.process(receipt.receipt_id)
-    assert type(raised.value) is expected
-    assert pipeline.spool.read_receipt(receipt.receipt_id) is not None
+        for _ in range(pipeline.max_attempts):
+            with pytest.raises(expected) as raised:
+                pipeline.process(receipt.receipt_id)
+            assert type(raised.value) is expected
+            assert pipeline.spool.read_receipt(receipt.receipt_id) is not None
+        faults.put_error = None
+        if kind == "unexpected":  # each attempt was left open: the poison rule ends the loop
+            assert pipeline.process(receipt.receipt_id) is Outcome.QUARANTINED
+            reason = json.loads(pipeline.archive.read_bytes(
+                f"quarantine/{receipt.receipt_id}.json"))
+            assert reason["reason"] == "poison"
+        else:  # retried, not counted against the object
+            assert pipeline.process(receipt.receipt_id) is Outcome.ARCHIVED
 
 
 def test_a_missing_bucket_is_a_configuration_error(tmp_path: Path, settings: Settings,
                                                    s3_endpoint: str) -> None:
     from workers.errors import ConfigurationError
 
-    pipeline = Pipeline.from_settings(_s3_settings(settings, "no-such-bucket", s3_endpoint))
+    missing = _s3_settings(settings, "no-such-bucket", s3_endpoint)
+    pipeline = Pipeline.from_settings(missing)
     pipeline.spool.ensure()
     make_instance(tmp_path / "a.dcm")
     receipt = spool_entry(pipeline.spool, (tmp_path / "a.dcm").read_bytes())
     with pytest.raises(ConfigurationError, match="NoSuchBucket"):
         pipeline.process(receipt.receipt_id)
     assert pipeline.spool.read_receipt(receipt.receipt_id) is not None
+    # the operator's status says so too
+    shown = run(cli("status", "--json"), env=dict(os.environ) | environment(missing))
+    status = json.loads(shown.stdout)
+    assert status["archive"].startswith("configuration error") and "NoSuchBucket" in \
+        status["archive"]
+    assert "fix its settings" in shown.stderr and status["spool_depth"] == 1
+
+
+@pytest.mark.parametrize("policy", ["reject", "overwrite"])
+def test_a_resent_dataset_is_one_object_and_a_different_one_is_a_conflict(
+        tmp_path: Path, settings: Settings, start_receiver: Any, policy: str) -> None:
+    """Through pynetdicom's path (the File Meta pynetdicom's handler writes): the same
+    dataset from a second AE is already archived under either policy; a different dataset
+    under the same SOP Instance UID is still the policy's to decide."""
+    live = settings.replace(receiver_fast_path=False, duplicate_policy=policy)
+    receiver = start_receiver(live)
+    pipeline = Pipeline.from_settings(live)
+    make_instance(tmp_path / "a.dcm", **IDS)
+    make_instance(tmp_path / "b.dcm", **IDS)  # same UIDs, other pixels
+    outcomes = []
+    for calling, name in (("MODALITY", "a"), ("PACSFWD", "a"), ("OTHER", "b")):
+        assert pynetdicom_send(receiver.port, [tmp_path / f"{name}.dcm"],
+                               calling=calling) == [statuses.SUCCESS]
+        (receipt_id,) = pipeline.spool.receipt_ids()
+        outcomes.append(pipeline.process(receipt_id))
+    conflict = Outcome.QUARANTINED if policy == "reject" else Outcome.ARCHIVED
+    assert outcomes == [Outcome.ARCHIVED, Outcome.ALREADY_ARCHIVED, conflict]
+    kept = "a" if policy == "reject" else "b"
+    stored = (Path(live.archive_url) / KEY).read_bytes()
+    assert split_part10(stored)[1] == split_part10((tmp_path / f"{kept}.dcm").read_bytes())[1]
