@@ -18,8 +18,8 @@ from tests.support import (
     make_instance,
     pynetdicom_send,
     run,
-    spool_entry,
     split_part10,
+    spool_entry,
     wait_for,
 )
 from workers.errors import TransientError
