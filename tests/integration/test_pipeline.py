@@ -421,3 +421,27 @@ def test_a_stopping_worker_sends_the_task_events_it_holds(
             assert ours("task-received") == []  # held back, in a batch not yet due
         wait_for(lambda: len(ours("task-succeeded")) == 3, 30, 0.2,
                  what="the held events, sent as the worker stopped")
+
+
+def test_workers_upgraded_first_take_the_tasks_of_earlier_receivers(
+    tmp_path: Path, settings: Settings, redis_url: str, start_worker: Any,
+) -> None:
+    """The upgrade order the README gives, workers first: an earlier receiver sends archive
+    tasks to the plain ``dicom-ingest`` queue (and a version-1 receipt with the sha256 it
+    took itself); a worker of this version takes them from there and archives the
+    instances."""
+    from ingest.broker import make_celery
+    from ingest.messages import QUEUE
+    from tests.support import make_instance, spool_entry
+
+    live = settings.replace(redis_url=redis_url)
+    spool = Spool(live.spool_dir)
+    spool.ensure()
+    make_instance(tmp_path / "old.dcm")
+    receipt = spool_entry(spool, (tmp_path / "old.dcm").read_bytes(), legacy=True)
+    app = make_celery(live, "earlier-receiver")
+    publish(app, QUEUE, receipt.receipt_id)
+    start_worker(live)
+    wait_for(lambda: spool.depth() == 0, 30, what="an empty spool")
+    assert [dataset_bytes(p) for p in Path(live.archive_url).rglob("*.dcm")] == [
+        dataset_bytes(tmp_path / "old.dcm")]
