@@ -35,7 +35,7 @@ from typing import Any
 
 from pynetdicom.dul import DULServiceProvider
 
-from receiver import statuses
+from receiver import limits, statuses
 from receiver.handlers import Arrival, Received, StoreContext, account, hand_off, store
 from receiver.reactors import wait_readable
 from receiver.streams import SpoolTempFile
@@ -47,7 +47,6 @@ _PDV_HEADER = struct.Struct(">IBB")  # item length, presentation context id, con
 _ELEMENT = struct.Struct("<HHI")  # implicit VR little endian: group, element, length
 _US = struct.Struct("<H")
 _P_DATA_TF = 0x04
-_PDU_TYPES = range(0x01, 0x08)
 _ESTABLISHED = "Sta6"
 
 # command set elements (group 0000)
@@ -209,10 +208,11 @@ class _Store:
 class FastPath:
     """Installed on one association's DUL when its connection opens."""
 
-    def __init__(self, dul: DULServiceProvider, ctx: StoreContext) -> None:
+    def __init__(self, dul: DULServiceProvider, ctx: StoreContext,
+                 bounds: limits.PduLimits) -> None:
         self.dul = dul
         self.ctx = ctx
-        self._pynetdicom_read = dul._read_pdu_data
+        self.bounds = bounds  # outside Sta6 its reader reads, and hands PDUs to pynetdicom
         self._buffer = bytearray(_SLICE)
         self._lock = threading.Lock()
         self._command = bytearray()  # command fragments of the message being assembled
@@ -228,7 +228,8 @@ class FastPath:
 
     def read_pdu(self) -> None:
         """Replaces ``DULServiceProvider._read_pdu_data``: P-DATA-TF of an established
-        association comes here; everything else goes to pynetdicom as before.
+        association comes here; everything else goes to pynetdicom through the bounded
+        reader of :mod:`receiver.limits`, which also checks each PDU header read here.
 
         pynetdicom's reactor reads one PDU per turn. Mid-dataset this keeps reading while
         the next PDU is there or about to be, without a turn of the reactor per PDU, and
@@ -237,7 +238,7 @@ class FastPath:
         dul = self.dul
         while True:
             if dul.state_machine.current_state != _ESTABLISHED or dul.socket is None:
-                self._pynetdicom_read()
+                self.bounds.read_pdu()
                 return
             if not self._read_one():
                 return
@@ -266,9 +267,9 @@ class FastPath:
         if header is None:
             return False
         pdu_type, _, length = _PDU_HEADER.unpack(header)
-        if pdu_type not in _PDU_TYPES:
-            log.error("unknown PDU type 0x%02X received: aborting the association", pdu_type)
-            return self._abort()
+        if not self.bounds.admit(pdu_type, length):  # it aborts the association
+            self.abandon()
+            return False
         if pdu_type != _P_DATA_TF:
             body = self._recv_bytes(length)
             if body is not None:
@@ -520,7 +521,7 @@ class FastPath:
 def on_connection(event: Any, ctx: StoreContext) -> None:
     """EVT_CONN_OPEN handler: put the fast path on this association's DUL."""
     if getattr(event.assoc, "is_acceptor", True):
-        fast = FastPath(event.assoc.dul, ctx)
+        fast = FastPath(event.assoc.dul, ctx, limits.installed(event.assoc, ctx.metrics))
         fast.install()
         event.assoc._dicom_ingest_fast_path = fast
 

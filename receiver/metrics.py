@@ -40,6 +40,10 @@ class ReceiverMetrics:
             "dicom_ingest_ack_seconds", "From the whole dataset received to the answer",
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
             registry=r)
+        self.protocol_aborts = Counter(
+            "dicom_ingest_receiver_protocol_aborts", "Connections aborted for a PDU that "
+            "breaks the receiver's bounds (receiver.limits), by reason",
+            ["reason"], registry=r)
         self.enqueue_failures = Counter(
             "dicom_ingest_enqueue_failures", "Publishes to the broker that failed (the "
             "sweeper re-enqueues those entries)", registry=r)

@@ -40,7 +40,7 @@ from ingest.broker import make_celery, queue_length
 from ingest.messages import queue_for
 from ingest.settings import Settings, environment, receiver_processes, redact_url
 from ingest.spool import Spool, TempFilePool
-from receiver import fastpath, reactors, streams
+from receiver import fastpath, limits, reactors, streams
 from receiver.associations import AssociationContext, on_accepted, on_ended, on_rejected
 from receiver.handlers import StoreContext, handle_echo, handle_store
 from receiver.metrics import ReceiverMetrics
@@ -266,6 +266,7 @@ def start(settings: Settings, listen_fd: int | None = None,
     reactors.install()
     handlers: list[Any] = [
         (evt.EVT_CONN_OPEN, _daemon_dul),
+        (evt.EVT_CONN_OPEN, limits.on_connection, [metrics]),
         (evt.EVT_CONN_OPEN, reactors.on_connection),
         (evt.EVT_CONN_CLOSE, reactors.on_closed),
         (evt.EVT_C_STORE, handle_store, [context]),  # what the fast path leaves to pynetdicom

@@ -122,7 +122,7 @@ HOSTILE = {  # what is sent -> what the receiver logs
                                   + struct.pack(">IBB", 100, 1, 0x03) + b"ab",
                                   "a PDV longer than its P-DATA-TF PDU"),
     "an unknown PDU type": (struct.pack(">BBI", 0x09, 0, 4) + b"abcd",
-                            "unknown PDU type 0x09"),
+                            "protocol abort reason=unknown-pdu-type"),
     "a 70 KB command set": (_p_data(1, 0x01, b"\0" * 70_000), "a command set of more than"),
     "a dataset PDV of another context mid-dataset": (
         _p_data(1, 0x03, _store_command(b"1.2.3.4"))
