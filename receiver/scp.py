@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import FrameType
 from typing import Any
 
 from pydicom import config as pydicom_config
@@ -40,6 +39,7 @@ from ingest.broker import make_celery, queue_length
 from ingest.messages import queue_for
 from ingest.settings import Settings, environment, receiver_processes, redact_url
 from ingest.spool import Spool, TempFilePool
+from ingest.stopsignals import StopSignals
 from receiver import fastpath, limits, reactors, streams
 from receiver.associations import AssociationContext, on_accepted, on_ended, on_rejected
 from receiver.handlers import StoreContext, handle_echo, handle_store
@@ -319,14 +319,7 @@ def run(settings: Settings) -> int:
     """Serve until SIGTERM or SIGINT, then stop cleanly. With more than one receiver process
     (:func:`receiver_processes`), open the listening socket, start the others on it (see
     :class:`SharedSocketServer`) and stop them too."""
-    done = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("receiver: %s, stopping", signal.Signals(signum).name)
-        done.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = StopSignals().install()  # a handler that only sets a flag: see StopSignals
     # kill -USR1: every thread's stack on stderr, for a receiver that seems stuck
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     # This process never decodes a dataset, and the UIDs it reads (presentation contexts,
@@ -364,13 +357,13 @@ def run(settings: Settings) -> int:
     # An extra process serves only while the first one runs: if that one dies (SIGKILL, the
     # OOM killer), a restarted receiver must find the port free, not held by orphans.
     first = os.getppid() if settings.receiver_index > 0 else None
-    # wake up now and then: a signal the kernel delivers to another thread is only handled
-    # when the main thread runs again, and an untimed wait would never let it
-    while not done.wait(0.5):
+    while not stop.wait(0.5):  # waking now and then to look for the first process
         if first is not None and os.getppid() != first:
             log.warning("receiver %d: the first receiver process is gone; stopping",
                         settings.receiver_index)
             break
+    if stop.requested:
+        log.info("receiver: %s, stopping", stop.name)
     for proc in extra:
         proc.send_signal(signal.SIGTERM)
     receiver.stop()
@@ -383,6 +376,7 @@ def run(settings: Settings) -> int:
             proc.kill()
             proc.wait()
     log.info("receiver stopped")
+    stop.finished()
     return 0
 
 
