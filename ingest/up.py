@@ -7,12 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-from types import FrameType
 
 from ingest.embedded import EmbeddedRedis
 from ingest.settings import Settings, environment, receiver_processes
+from ingest.stopsignals import StopSignals
 
 log = logging.getLogger("dicom_ingest.up")
 
@@ -51,14 +50,7 @@ def run(settings: Settings, data_dir: Path, flower: bool = False) -> int:
         settings = settings.replace(redis_url=redis.url)
         log.info("embedded redis-server on %s (data in %s)", redis.url, data_dir / "redis")
     env = dict(os.environ) | environment(settings)
-    stopping = False
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    stop = StopSignals().install()  # a handler that only sets a flag: see StopSignals
     roles: list[tuple[str, tuple[str, ...]]] = [("receiver", ()), ("worker", ())]
     if flower:
         roles.append(("flower", ("--address", "127.0.0.1")))
@@ -72,9 +64,9 @@ def run(settings: Settings, data_dir: Path, flower: bool = False) -> int:
             settings.port,
             settings.archive_url,
         )
-        while not stopping:
+        while not stop.requested:
             for i, (name, proc) in enumerate(children):
-                if proc.poll() is None or stopping:
+                if proc.poll() is None or stop.requested:
                     continue
                 # e.g. a worker that Celery gave up on when Redis went away; the spool still
                 # holds everything, so a fresh process picks up where this one stopped
@@ -82,12 +74,10 @@ def run(settings: Settings, data_dir: Path, flower: bool = False) -> int:
                 delay = min(30.0, 2.0 ** min(restarts[name], 5))
                 log.error("%s exited with %s; restarting it in %.0f s", name,
                           proc.returncode, delay)
-                deadline = time.monotonic() + delay
-                while not stopping and time.monotonic() < deadline:
-                    time.sleep(0.2)
-                if not stopping:
+                if not stop.wait(delay):
                     children[i] = (name, _child(name, env, *dict(roles)[name]))
-            time.sleep(0.2)
+            stop.wait(0.2)
+        log.info("%s: stopping the pipeline", stop.name)
     finally:
         # receiver first (no new instances), then workers (warm: finish the current task)
         for name, proc in children:
@@ -103,5 +93,9 @@ def run(settings: Settings, data_dir: Path, flower: bool = False) -> int:
         if redis is not None:
             redis.stop()
         log.info("pipeline stopped")
-    failed = [name for name, proc in children if proc.returncode not in (0, -signal.SIGTERM)]
+        stop.finished()
+    # a child may have been ended by the signal itself, before it took it (a Ctrl-C reaches
+    # the whole process group): not a failure
+    failed = [name for name, proc in children
+              if proc.returncode not in (0, -signal.SIGTERM, -signal.SIGINT)]
     return 1 if failed else 0
