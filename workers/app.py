@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
+from types import FrameType
+from typing import Any
 
-from celery import Celery
+from celery import Celery, bootsteps
+from celery.worker import state
 from kombu import Queue  # type: ignore[attr-defined]
 
 from ingest.broker import archive_queue, make_celery
 from ingest.messages import QUEUE
 from ingest.settings import Settings, usable_cores
+from ingest.stopsignals import STOP_SIGNALS, ignore_stop_signals
 from workers import metrics, tasks
 from workers.pipeline import Pipeline
+
+log = logging.getLogger("dicom_ingest.worker")
 
 #: worker processes per usable core when INGEST_WORKER_CONCURRENCY is 0
 PROCESSES_PER_CORE = 2
@@ -40,14 +48,43 @@ def create_app(settings: Settings) -> Celery:
     return app
 
 
+class WarmStopSignals(bootsteps.StartStopStep):  # type: ignore[misc]
+    """SIGTERM and SIGINT, however many arrive, are one warm shutdown (running tasks end
+    first), asked for by a handler that only sets Celery's own flag, which its loop checks.
+
+    Celery's handlers, installed just before this step starts, send its
+    ``worker_shutting_down`` signal from inside the handler; a second SIGINT starts a cold
+    shutdown there (cancelling the consumer over the broker connection, stopping the pool)
+    and a later one raises wherever the main thread happens to be: not safe under a burst of
+    signals to the process group (see :class:`ingest.stopsignals.StopSignals`). SIGQUIT
+    remains Celery's cold shutdown."""
+
+    signum: int | None = None
+
+    def start(self, parent: Any) -> None:
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # assignments only: Celery's loop raises WorkerShutdown when it sees the flag
+        self.signum = signum
+        state.should_stop = os.EX_OK
+
+    def stop(self, parent: Any) -> None:
+        if self.signum is not None:  # outside the handler, logging is safe
+            log.info("worker: %s, warm shutdown", signal.Signals(self.signum).name)
+
+
 def run(settings: Settings, extra_args: list[str] | None = None) -> int:
-    """Run a worker in this process (prefork pool); SIGTERM is a warm shutdown."""
+    """Run a worker in this process (prefork pool); SIGTERM or SIGINT, any number of them,
+    is a warm shutdown (see :class:`WarmStopSignals`)."""
     Pipeline.from_settings(settings).spool.ensure()
     metrics_dir = None
     if settings.worker_metrics_port:
         metrics_dir = metrics.prepare()  # before any prometheus_client import
         metrics.serve(settings.worker_metrics_port, metrics_dir)
     app = create_app(settings)
+    app.steps["worker"].add(WarmStopSignals)
     argv = [
         "worker",
         "-n",
@@ -60,6 +97,7 @@ def run(settings: Settings, extra_args: list[str] | None = None) -> int:
     try:
         app.worker_main(argv + list(extra_args or []))
     finally:
+        ignore_stop_signals()  # stopped: a late signal must not end the exit with -SIGTERM
         if metrics_dir is not None:
             metrics.cleanup(metrics_dir)
     return 0
