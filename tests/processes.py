@@ -45,14 +45,17 @@ class Pipeline:
     def log(self, role: str) -> str:
         return (self.log_dir / f"{role}.log").read_text(errors="replace")
 
-    def start(self, role: str, keep_log: bool = False) -> None:
+    def start(self, role: str, keep_log: bool = False, new_session: bool = False) -> None:
+        """Start ``role``; with ``new_session``, as the leader of its own process group, which
+        a test can then signal as a whole (``os.killpg``), as systemd or a terminal would."""
         if not keep_log:
             (self.log_dir / f"{role}.log").unlink(missing_ok=True)
         ready = self.log(role).count(" ready.") + 1 if keep_log else 1
         out = open(self.log_dir / f"{role}.log", "ab")  # noqa: SIM115 - closed with the process
         self.processes[role] = subprocess.Popen(cli(role), env=self.env, stdout=out,
                                                 stderr=subprocess.STDOUT,
-                                                stdin=subprocess.DEVNULL)
+                                                stdin=subprocess.DEVNULL,
+                                                start_new_session=new_session)
         out.close()
         if role == "worker":
             wait_for(lambda: self.log("worker").count(" ready.") >= ready
