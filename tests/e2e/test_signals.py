@@ -63,8 +63,10 @@ def stopped(proc: subprocess.Popen[bytes], timeout: float, log: Path) -> int:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        pytest.fail(f"not stopped within {timeout:.0f} s of a burst of signals:\n"
-                    + log.read_text(errors="replace")[-6000:])
+        text = log.read_text(errors="replace")
+        stuck = text.find("Current thread")  # the main thread's stack, if there is one
+        pytest.fail(f"not stopped, its whole group, within {timeout:.0f} s of a burst of signals:\n"
+                    + (text[stuck:stuck + 3000] if stuck >= 0 else text[-6000:]))
     return code
 
 
