@@ -15,7 +15,7 @@ import pytest
 
 from ingest.embedded import EmbeddedRedis, EmbeddedRedisError, redis_server_binary
 from ingest.settings import Settings
-from tests.support import free_port, need, wait_for
+from tests.support import IN_CI, free_port, need, wait_for
 
 
 @pytest.fixture(scope="session")
@@ -138,3 +138,17 @@ def start_worker() -> Iterator[Any]:
     yield start
     for context in reversed(contexts):
         context.__exit__(None, None, None)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Under CI=true a skipped test is a failure: CI installs and starts everything the tests
+    need, so a skip there means something is missing."""
+    if not IN_CI:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter is not None else []
+    if skipped:
+        for report in skipped:
+            reporter.write_line(f"CI=true: skipped, which counts as a failure: {report.nodeid}"
+                                f" ({report.longrepr[-1] if report.longrepr else ''})")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

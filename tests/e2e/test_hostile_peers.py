@@ -13,7 +13,7 @@ from receiver import statuses
 from tests.e2e.test_operations import scrape, value
 from tests.faults.test_faults import instances
 from tests.processes import start_pipeline
-from tests.support import free_port, pynetdicom_send
+from tests.support import free_port, need, pynetdicom_send
 
 pytestmark = pytest.mark.e2e
 
@@ -53,8 +53,7 @@ def test_junk_before_association_is_not_buffered(tmp_path: Path, redis_url: str)
     between them while a legitimate sender stores instances: each is aborted after its
     PDU header, counted and logged, the receiver's peak RSS stays where it was, and every
     instance is stored."""
-    if not Path("/proc/self/status").exists():
-        pytest.skip("needs /proc to read the receiver's RSS")
+    need(Path("/proc/self/status").exists(), "/proc (to read the receiver's RSS)")
     rport = free_port()
     with start_pipeline(tmp_path, redis_url, metrics_port=rport) as pipeline:
         pid = pipeline.processes["receiver"].pid

@@ -434,7 +434,8 @@ def test_workers_upgraded_first_take_the_tasks_of_earlier_receivers(
     from ingest.messages import QUEUE
     from tests.support import make_instance, spool_entry
 
-    live = settings.replace(redis_url=redis_url)
+    # a database of its own: every worker also takes tasks from the plain queue
+    live = settings.replace(redis_url=redis_url.rsplit("/", 1)[0] + "/7")
     spool = Spool(live.spool_dir)
     spool.ensure()
     make_instance(tmp_path / "old.dcm")

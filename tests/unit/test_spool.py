@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from ingest.spool import RECEIPT_XATTR, Receipt, Spool, SpoolError
-from tests.support import make_instance, spool_entry
+from tests.support import make_instance, need, spool_entry
 
 
 @pytest.fixture
@@ -217,8 +217,7 @@ def test_the_receipt_crc_is_zlibs_crc32_whatever_computes_it(tmp_path: Path) -> 
 def test_isal_computes_the_crc_where_it_is_installed() -> None:
     """isal is a dependency where it has wheels (x86_64, aarch64): there the receiver's CRC
     runs on ISA-L, not on zlib's slower loop."""
-    if platform.machine() not in ("x86_64", "aarch64"):
-        pytest.skip("isal is installed on x86_64 and aarch64 only")
+    need(platform.machine() in ("x86_64", "aarch64"), "isal (x86_64 and aarch64 only)")
     from isal import isal_zlib
 
     import ingest.spool

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import os
 
-import pytest
-
 from ingest.settings import Settings
+from tests.support import need
 from workers.app import create_app, default_concurrency
 
 
@@ -22,8 +21,8 @@ def test_an_explicit_process_count_is_kept(settings: Settings) -> None:
     assert create_app(settings.replace(worker_concurrency=3)).conf.worker_concurrency == 3
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to pin to one")
 def test_the_default_follows_the_affinity_mask() -> None:
+    need(len(os.sched_getaffinity(0)) >= 2, "two cores (to pin this process to one)")
     # a worker pinned to one core (taskset, a cpuset) starts two processes, not two per core
     # of the whole machine
     before = os.sched_getaffinity(0)
