@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import signal
 import socket
 import ssl
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -168,7 +166,12 @@ def test_dicom_tls_with_client_certificates(tmp_path: Path, redis_url: str) -> N
         plain = run([dcmtk("echoscu"), "-aec", "DICOM-INGEST", "127.0.0.1",
                      str(pipeline.port)], env=dcmtk_env(), check=False)
         assert plain.returncode != 0
-        assert len(objects_under(pipeline.archive)) == 4
+        # refused by the receiver, which is still there for a client it trusts
+        assert pipeline.processes["receiver"].poll() is None
+        again = instances(tmp_path / "again", 1)
+        assert tls_send(pipeline.port, again, pki, "client") == [statuses.SUCCESS]
+        wait_for(lambda: len(objects_under(pipeline.archive)) == 5, 30, what="the archive")
+        assert "Traceback" not in pipeline.log("receiver")
 
 
 def test_sigterm_lets_the_association_finish(tmp_path: Path, redis_url: str) -> None:
@@ -189,7 +192,9 @@ def test_sigterm_lets_the_association_finish(tmp_path: Path, redis_url: str) -> 
         keys = set(objects_under(pipeline.archive))
         wait_for(lambda: len(objects_under(pipeline.archive)) == len(files), 60,
                  what="every acked instance archived")
-        assert len(keys) <= len(files)
+        assert keys <= set(objects_under(pipeline.archive))
+        assert sorted(dataset_bytes(p) for p in objects_under(pipeline.archive).values()) == (
+            sorted(dataset_bytes(f) for f in files))
 
 
 def test_sigterm_deadline_aborts_a_stuck_association(tmp_path: Path, redis_url: str) -> None:
@@ -295,7 +300,8 @@ def test_several_receiver_processes_share_the_port(tmp_path: Path, redis_url: st
         assert value(both, "dicom_ingest_receiver_processes") == 2
         assert value(both, "dicom_ingest_cstore_total", **ok) == 24
         assert value(both, "dicom_ingest_ack_seconds_count") == 24
-        assert value(second, "dicom_ingest_cstore_total", **ok) <= 24
+        # the second process took a share, and the first port's sum includes it
+        assert 0 < value(second, "dicom_ingest_cstore_total", **ok) < 24
         children = subprocess.run(["pgrep", "-P", str(pipeline.processes["receiver"].pid),
                                    "-f", "ingest.cli receiver"],
                                   capture_output=True, text=True).stdout.split()
@@ -358,18 +364,11 @@ def test_extra_receiver_processes_stop_when_the_first_one_dies(tmp_path: Path,
         wait_for(lambda: len(objects_under(pipeline.archive)) == 2, 60, what="2 archived")
 
 
-def _cpu_ms(pid: int) -> float:
-    """User and system CPU time a process has used so far, in ms."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
-
-
 def test_no_receiver_process_is_still_starting_once_the_port_answers(
         tmp_path: Path, redis_url: str) -> None:
     """With two receiver processes, once the port answers a C-ECHO both are done starting:
-    idle, they use next to no CPU. (The first process used to build its AE, 0.2 s of CPU
-    here, only after the other one served and answered: the first associations all went to
-    the other, and the benchmark's timed runs paid for the build.)"""
+    the first builds itself before it starts the other, and serves once that one serves, so
+    the first associations are not all taken by one process while the other still builds."""
     from pynetdicom import AE
 
     port = free_port()
@@ -391,10 +390,11 @@ def test_no_receiver_process_is_still_starting_once_the_port_answers(
             ["pgrep", "-P", str(first), "-f", "ingest.cli receiver"],
             capture_output=True, text=True).stdout.split()]
         assert len(extra) == 1
-        before = {pid: _cpu_ms(pid) for pid in (first, *extra)}
-        time.sleep(1.0)
-        used = {pid: _cpu_ms(pid) - before[pid] for pid in before}
-        assert all(ms < 100 for ms in used.values()), used
+        # the first process starts the other one once it is built, and serves only once that
+        # one is serving too: both announced themselves, the other one first
+        log = wait_for(lambda: (text := pipeline.log("receiver")).count("listening on") == 2
+                       and text, 30, what="both processes listening")
+        assert log.index("(process 2 of 2)") < log.index("(process 1 of 2)"), log[-2000:]
 
 
 def test_task_events_reach_a_listener_in_batches(tmp_path: Path, redis_url: str) -> None:
