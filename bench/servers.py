@@ -173,7 +173,7 @@ class Ours(Server):
         self.workers: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Server:
-        self.proc = subprocess.Popen([sys.executable, "-m", "ingest.cli", "receiver"],
+        self.proc = subprocess.Popen([sys.executable, "-m", "dicom_ingest", "receiver"],
                                      env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
         wait_port(self.port, self.proc)
         # the port listens before every receiver process serves it: a C-ECHO is answered
@@ -185,7 +185,7 @@ class Ours(Server):
 
     def start_workers(self, processes: int) -> None:
         env = self.env | {"INGEST_WORKER_CONCURRENCY": str(processes)}
-        self.workers = subprocess.Popen([sys.executable, "-m", "ingest.cli", "worker"],
+        self.workers = subprocess.Popen([sys.executable, "-m", "dicom_ingest", "worker"],
                                         env=env, stdout=self.log, stderr=subprocess.STDOUT)
         # the clock starts once a worker answers a ping (its consumer and pool are up)
         from celery import Celery

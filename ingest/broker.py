@@ -6,9 +6,11 @@ from typing import Any
 
 from celery import Celery
 
-from ingest.messages import QUEUE, queue_for
+from ingest.messages import ARCHIVE_TASK, QUEUE, queue_for
 from ingest.settings import Settings
 from ingest.spool import Spool
+
+_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0}
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -69,3 +71,10 @@ def make_celery(settings: Settings, main: str) -> Celery:
     app = Celery(main, set_as_current=False)
     app.conf.update(celery_config(settings))
     return app
+
+
+def publish(app: Celery, queue: str, receipt_id: str) -> None:
+    """Send one archive task to ``queue`` with Celery, by name (the receiver's sweeper, the
+    operator's sweep and replay); raises when the broker cannot take it."""
+    app.send_task(ARCHIVE_TASK, args=[receipt_id], queue=queue, retry=True,
+                  retry_policy=_RETRY_POLICY)

@@ -36,30 +36,19 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 from ingest import logs
 from ingest.messages import ARCHIVE_TASK, MessageError, check_receipt_id
 from ingest.settings import Settings, environment
 
-if TYPE_CHECKING:  # the publisher process does without Celery: it starts sooner
-    from celery import Celery
-
 log = logging.getLogger("dicom_ingest.receiver")
 
 _STOP = ""
-_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0}
 _BATCH = 256  # ids written to the child in one go
 #: how long the child waits, once an id arrives, for more to push with it
 GATHER_SECONDS = 0.01
 _GATHER_MOST = 256  # ids after which the child stops waiting for more
-
-
-def publish(app: Celery, queue: str, receipt_id: str) -> None:
-    """Send one archive task to ``queue`` with Celery (the sweeper, replay); raises when the
-    broker cannot take it."""
-    app.send_task(ARCHIVE_TASK, args=[receipt_id], queue=queue, retry=True,
-                  retry_policy=_RETRY_POLICY)
 
 
 class Publisher:

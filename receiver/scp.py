@@ -35,7 +35,7 @@ from pynetdicom import (
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from ingest.broker import make_celery, queue_length
+from ingest.broker import make_celery, publish, queue_length
 from ingest.messages import queue_for
 from ingest.settings import Settings, environment, receiver_processes, redact_url
 from ingest.spool import Spool, TempFilePool
@@ -45,7 +45,7 @@ from receiver.associations import AssociationContext, on_accepted, on_ended, on_
 from receiver.handlers import StoreContext, handle_echo, handle_store
 from receiver.metrics import ReceiverMetrics
 from receiver.monitor import SpoolMonitor
-from receiver.publisher import Publisher, publish
+from receiver.publisher import Publisher
 from receiver.sweeper import PeriodicSweeper
 
 log = logging.getLogger("dicom_ingest.receiver")
@@ -391,7 +391,7 @@ def _start_others(settings: Settings, listen_fd: int,
         for index in range(1, processes):
             env = (dict(os.environ) | environment(settings.replace(receiver_index=index))
                    | {LISTEN_FD_ENV: str(listen_fd), READY_FD_ENV: str(ready_w)})
-            procs.append(subprocess.Popen([sys.executable, "-m", "ingest.cli", "receiver"],
+            procs.append(subprocess.Popen([sys.executable, "-m", "receiver"],
                                           env=env, stdin=subprocess.DEVNULL,
                                           pass_fds=(listen_fd, ready_w)))
         os.close(ready_w)

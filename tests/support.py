@@ -292,7 +292,7 @@ def run(args: list[str], env: dict[str, str] | None = None, timeout: float = 120
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "ingest.cli", *args]
+    return [sys.executable, "-m", "dicom_ingest", *args]
 
 
 def objects_under(root: Path) -> dict[str, Path]:

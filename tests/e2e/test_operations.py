@@ -303,7 +303,7 @@ def test_several_receiver_processes_share_the_port(tmp_path: Path, redis_url: st
         # the second process took a share, and the first port's sum includes it
         assert 0 < value(second, "dicom_ingest_cstore_total", **ok) < 24
         children = subprocess.run(["pgrep", "-P", str(pipeline.processes["receiver"].pid),
-                                   "-f", "ingest.cli receiver"],
+                                   "-f", "--", "-m receiver$"],
                                   capture_output=True, text=True).stdout.split()
         assert len(children) == 1  # the extra receiver (beside the publisher process)
         assert pipeline.stop("receiver") == 0
@@ -350,7 +350,7 @@ def test_extra_receiver_processes_stop_when_the_first_one_dies(tmp_path: Path,
         _both_listening(pipeline)
         first = pipeline.processes["receiver"].pid
         extra = [int(pid) for pid in subprocess.run(
-            ["pgrep", "-P", str(first), "-f", "ingest.cli receiver"],
+            ["pgrep", "-P", str(first), "-f", "--", "-m receiver$"],
             capture_output=True, text=True).stdout.split()]
         assert len(extra) == 1
         pipeline.stop("receiver", signal.SIGKILL)
@@ -387,7 +387,7 @@ def test_no_receiver_process_is_still_starting_once_the_port_answers(
         wait_for(echoed, 60, 0.01, what="a C-ECHO answered")
         first = pipeline.processes["receiver"].pid
         extra = [int(pid) for pid in subprocess.run(
-            ["pgrep", "-P", str(first), "-f", "ingest.cli receiver"],
+            ["pgrep", "-P", str(first), "-f", "--", "-m receiver$"],
             capture_output=True, text=True).stdout.split()]
         assert len(extra) == 1
         # the first process starts the other one once it is built, and serves only once that

@@ -13,13 +13,12 @@ from typing import Any
 
 import pytest
 
-from ingest.broker import archive_queue
+from ingest.broker import archive_queue, publish
 from ingest.keys import instance_key
 from ingest.messages import ARCHIVE_TASK
 from ingest.settings import Settings
 from ingest.spool import Spool
 from receiver import statuses
-from receiver.publisher import publish
 from receiver.sweeper import sweep_once
 from tests.support import (
     CORPUS,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,11 @@ def test_dockerfile() -> None:
     assert "EXPOSE 11112" in text
     for path in re.findall(r"^COPY (\S+)", text, re.M):
         assert (ROOT / path).exists(), path
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"]["find"]["include"]
+    copied = set(re.findall(r"^COPY (\S+)", text, re.M))
+    for package in packages:  # the image installs every package the distribution has
+        assert package.rstrip("*") in copied, package
 
 
 def test_manifests_parse_and_are_complete(manifests: list[dict[str, Any]]) -> None:

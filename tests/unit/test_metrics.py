@@ -88,8 +88,8 @@ def test_a_port_serving_something_else_is_left_out() -> None:
 
 
 def test_up_refuses_worker_metrics_on_a_receiver_process_port() -> None:
+    from dicom_ingest.up import metrics_port_clash
     from ingest.settings import Settings
-    from ingest.up import metrics_port_clash
 
     two = Settings(metrics_port=9110, worker_metrics_port=9111, receiver_processes=2)
     clash = metrics_port_clash(two)

@@ -45,7 +45,7 @@ def test_secrets_are_not_in_repr() -> None:
 
 
 def test_receiver_processes_from_the_environment_and_the_flag() -> None:
-    from ingest.cli import _settings, build_parser
+    from dicom_ingest.cli import _settings, build_parser
 
     assert from_env({}).receiver_processes == 0  # one per core, at most 4
     assert from_env({"INGEST_RECEIVER_PROCESSES": "3"}).receiver_processes == 3

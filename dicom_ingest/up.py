@@ -18,7 +18,7 @@ log = logging.getLogger("dicom_ingest.up")
 
 def _child(role: str, env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "ingest.cli", role, *args], env=env, stdin=subprocess.DEVNULL
+        [sys.executable, "-m", "dicom_ingest", role, *args], env=env, stdin=subprocess.DEVNULL
     )
 
 

@@ -186,27 +186,27 @@ def main(argv: list[str] | None = None) -> int:
 
         return app.run(settings)
     if command == "up":
-        from ingest import up
+        from dicom_ingest import up
 
         return up.run(settings, args.data, flower=args.flower)
     if command == "flower":
-        from ingest import flower
+        from dicom_ingest import flower
 
         return flower.run(settings, args.address)
     if command == "sweep":
-        from ingest import tools
+        from dicom_ingest import tools
 
         return tools.sweep(settings)
     if command == "echo":
-        from ingest import tools
+        from dicom_ingest import tools
 
         return tools.echo(settings, args.host, args.calling)
     if command == "status":
-        from ingest import tools
+        from dicom_ingest import tools
 
         return tools.status(settings, as_json=args.json)
     if command == "quarantine":
-        from ingest import tools
+        from dicom_ingest import tools
 
         if args.action == "list":
             return tools.quarantine_list(settings, as_json=args.json)

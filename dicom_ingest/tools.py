@@ -1,4 +1,5 @@
-"""Operator commands: status, quarantine list and replay (the entry points of the CLI)."""
+"""Operator commands: sweep, echo, status, quarantine list and replay. They use both sides (the
+receiver's sweep pass, the workers' archive and quarantine), as only this layer may."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from ingest.broker import archive_queue, make_celery, queue_length
+from ingest.broker import archive_queue, make_celery, publish, queue_length
 from ingest.scu import associate
 from ingest.settings import Settings, redact_url
 from ingest.spool import Spool
@@ -15,7 +16,6 @@ from ingest.spool import Spool
 
 def sweep(settings: Settings) -> int:
     """One reconciliation pass, as the receiver's periodic sweeper does it."""
-    from receiver.publisher import publish
     from receiver.sweeper import sweep_once
 
     spool = Spool(settings.spool_dir)
@@ -138,7 +138,6 @@ def quarantine_list(settings: Settings, as_json: bool) -> int:
 
 
 def quarantine_replay(settings: Settings, ids: list[str], replay_all: bool) -> int:
-    from receiver.publisher import publish
     from workers.archive import open_archive
     from workers.quarantine import records, replay
 
