@@ -76,6 +76,8 @@ case "${1:-}" in
     .venv/bin/ruff check .
     say "mypy"
     .venv/bin/mypy
+    say "import contracts"
+    .venv/bin/lint-imports
     say "pytest"
     exec .venv/bin/python -m pytest "$@"
     ;;
