@@ -12,11 +12,10 @@ from typing import Any
 
 import pytest
 
-from ingest.broker import archive_queue, make_celery
+from ingest.broker import archive_queue, make_celery, publish
 from ingest.settings import Settings
 from ingest.spool import Receipt, Spool, new_receipt_id
 from receiver import statuses
-from receiver.publisher import publish
 from receiver.sweeper import sweep_once
 from tests.support import (
     crc32,
