@@ -78,15 +78,35 @@ def test_failed_receipt_write_leaves_no_entry(spool: Spool, tmp_path: Path) -> N
 def test_the_commit_waits_for_the_file_before_its_fsync(spool: Spool, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch
                                                         ) -> None:
-    """``before_sync`` (the receiver's writes still in flight) ends after the receipt is set
-    and before the fsync; when it raises (a write failed), no entry appears."""
+    """The whole commit in order: the receipt set on the file, ``before_sync`` (the
+    receiver's writes still in flight) ended, the file fsynced, renamed into ``entries/``,
+    and ``entries/`` fsynced; when ``before_sync`` raises (a write failed), no entry
+    appears."""
     make_instance(tmp_path / "a.dcm")
     data = (tmp_path / "a.dcm").read_bytes()
     receipt = spool_entry(spool, data)
     spool.remove(receipt.receipt_id)
     calls: list[str] = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
+    real_setxattr, real_fsync, real_rename = os.setxattr, os.fsync, os.rename
+    entries = os.stat(spool.entries)
+
+    def setxattr(target: int, name: str, value: bytes) -> None:
+        calls.append(f"set {name}")
+        real_setxattr(target, name, value)
+
+    def fsync(fd: int) -> None:
+        synced = os.fstat(fd)
+        is_entries = (synced.st_dev, synced.st_ino) == (entries.st_dev, entries.st_ino)
+        calls.append("fsync entries/" if is_entries else "fsync the file")
+        real_fsync(fd)
+
+    def rename(source: Path, target: Path) -> None:
+        calls.append(f"rename into {Path(target).parent.name}/")
+        real_rename(source, target)
+
+    monkeypatch.setattr(os, "setxattr", setxattr)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
 
     def waited() -> None:
         calls.append("wait")
@@ -94,7 +114,8 @@ def test_the_commit_waits_for_the_file_before_its_fsync(spool: Spool, tmp_path: 
     received = tmp_path / "incoming.dcm"
     received.write_bytes(data)
     spool.commit(received, receipt, before_sync=waited)
-    assert calls[:2] == ["wait", "fsync"]
+    assert calls == [f"set {RECEIPT_XATTR}", "wait", "fsync the file", "rename into entries/",
+                     "fsync entries/"]
     assert spool.read_receipt(receipt.receipt_id) == receipt
     spool.remove(receipt.receipt_id)
 
