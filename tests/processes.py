@@ -106,3 +106,18 @@ def start_pipeline(tmp_path: Path, redis_url: str, **overrides: Any) -> Iterator
 def pipeline(tmp_path: Path, redis_url: str) -> Iterator[Pipeline]:
     with start_pipeline(tmp_path, redis_url) as running:
         yield running
+
+
+def stop_traced(proc: subprocess.Popen[bytes]) -> None:
+    """Stop the process that ``proc``, an strace, traces, then strace, which ends with it
+    (strace itself would detach on SIGTERM and leave its tracee running)."""
+    from bench.servers import children
+
+    for pid in children(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -4,15 +4,13 @@ then its directory before it writes the C-STORE response."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 
-from bench.servers import build_fsync_before_answer, children, free_port, wait_port
+from bench.servers import build_fsync_before_answer, free_port, wait_port
+from tests.processes import stop_traced
 from tests.support import dcmtk, dcmtk_env, make_instance, need
 
 _CALL = re.compile(r"^\d+\s+(\w+)\((.*)\)\s+=\s+(-?\d+)")
@@ -44,7 +42,7 @@ def test_storescp_fsyncs_each_file_and_its_directory_before_it_answers(tmp_path:
                                   text=True, timeout=60)
             assert sent.returncode == 0, sent.stderr
         finally:
-            _stop_traced(proc)
+            stop_traced(proc)
     assert len(list(out.iterdir())) == 2
 
     # each received file: opened, fsynced, its directory opened and fsynced, and only then
@@ -71,15 +69,3 @@ def test_storescp_fsyncs_each_file_and_its_directory_before_it_answers(tmp_path:
             received = -1
     assert answered_durable == 2
 
-
-def _stop_traced(proc: subprocess.Popen[bytes]) -> None:
-    """Stop storescp, then strace, which ends with it (strace itself would detach on SIGTERM
-    and leave storescp running)."""
-    for pid in children(proc.pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
