@@ -14,14 +14,9 @@ import time
 from pathlib import Path
 
 from bench.report import DURABLE_DCMTK
+from ingest.embedded import free_port
 
 NODELAY = {"TCP_NODELAY": "1"}  # Debian's DCMTK otherwise stalls ~40 ms per C-STORE
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:

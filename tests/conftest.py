@@ -15,6 +15,7 @@ import pytest
 
 from ingest.embedded import EmbeddedRedis, EmbeddedRedisError, redis_server_binary
 from ingest.settings import Settings
+from ingest.spool import Spool
 from tests.support import IN_CI, free_port, need, wait_for
 
 
@@ -63,22 +64,26 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture
-def bucket(s3_endpoint: str) -> str:
-    from minio import Minio
-
-    name = f"archive-{uuid.uuid4().hex[:12]}"
-    client = Minio(s3_endpoint.split("://")[1], access_key="test", secret_key="test",
-                   secure=False, region="us-east-1")
-    client.make_bucket(name)
-    return name
-
-
-@pytest.fixture
 def minio_client(s3_endpoint: str) -> Any:
     from minio import Minio
 
     return Minio(s3_endpoint.split("://")[1], access_key="test", secret_key="test",
                  secure=False, region="us-east-1")
+
+
+@pytest.fixture
+def bucket(minio_client: Any) -> str:
+    name = f"archive-{uuid.uuid4().hex[:12]}"
+    minio_client.make_bucket(name)
+    return name
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    """An empty spool under the test's temporary directory."""
+    made = Spool(tmp_path / "spool")
+    made.ensure()
+    return made
 
 
 @pytest.fixture

@@ -10,13 +10,6 @@ from ingest.spool import RECEIPT_XATTR, Receipt, Spool, SpoolError
 from tests.support import make_instance, need, spool_entry
 
 
-@pytest.fixture
-def spool(tmp_path: Path) -> Spool:
-    s = Spool(tmp_path / "spool")
-    s.ensure()
-    return s
-
-
 def test_commit_makes_file_and_receipt(spool: Spool, tmp_path: Path) -> None:
     make_instance(tmp_path / "a.dcm")
     data = (tmp_path / "a.dcm").read_bytes()

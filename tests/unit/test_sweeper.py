@@ -14,13 +14,6 @@ from receiver.sweeper import sweep_once
 from tests.support import make_instance, spool_entry
 
 
-@pytest.fixture
-def spool(tmp_path: Path) -> Spool:
-    s = Spool(tmp_path / "spool")
-    s.ensure()
-    return s
-
-
 def entry(spool: Spool, tmp_path: Path, age: float = 0.0) -> str:
     make_instance(tmp_path / "a.dcm")
     receipt = spool_entry(spool, (tmp_path / "a.dcm").read_bytes())

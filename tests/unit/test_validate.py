@@ -25,12 +25,6 @@ from workers.validate import inspect
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
 
-@pytest.fixture
-def spool(tmp_path: Path) -> Spool:
-    s = Spool(tmp_path / "spool")
-    s.ensure()
-    return s
-
 
 def check(spool: Spool, part10: bytes):  # type: ignore[no-untyped-def]
     receipt = spool_entry(spool, part10)

@@ -1,34 +1,19 @@
-"""Helpers the test tiers share: polling, services, DICOM files and senders."""
+"""DICOM files for the tests: the pydicom corpus, made instances, hostile and raw ones,
+and reading back what was stored."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 import random
-import shutil
-import socket
-import subprocess
-import sys
-import time
 import warnings
 import zlib
-from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
 
 import pydicom
-import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from ingest.scu import associate
-
-T = TypeVar("T")
-IN_CI = os.environ.get("CI", "").lower() == "true"
-
-# pydicom's own test files across transfer syntaxes and SOP classes
 CORPUS = {
     "CT_small.dcm": "explicit little endian, CT",
     "MR_small_implicit.dcm": "implicit little endian, MR",
@@ -46,58 +31,6 @@ CORPUS = {
     "SC_rgb_rle_2frame.dcm": "RLE multi-frame",
 }
 
-
-def need(available: bool, what: str) -> None:
-    """Skip when a service or tool is missing; under CI=true that is a failure."""
-    if available:
-        return
-    if IN_CI:
-        pytest.fail(f"{what} is required under CI=true")
-    pytest.skip(f"{what} is not available")
-
-
-def wait_for(check: Callable[[], T], timeout: float = 30.0, interval: float = 0.05,
-             what: str = "condition") -> T:
-    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
-def dcmtk(tool: str) -> str:
-    path = shutil.which(tool)
-    need(path is not None, f"DCMTK {tool} (apt-get install dcmtk)")
-    assert path is not None
-    return path
-
-
-def dcmtk_env() -> dict[str, str]:
-    # Debian's DCMTK leaves Nagle on: without this every C-STORE waits ~40 ms
-    return dict(os.environ, TCP_NODELAY="1")
-
-
-# --- files -----------------------------------------------------------------------------------
-
-
 def split_part10(data: bytes) -> tuple[bytes, bytes]:
     """(File Meta with preamble, dataset bytes) of a Part 10 file."""
     assert data[128:132] == b"DICM", "not a Part 10 file"
@@ -106,25 +39,20 @@ def split_part10(data: bytes) -> tuple[bytes, bytes]:
     end = 144 + length
     return data[:end], data[end:]
 
-
 def dataset_bytes(path: Path) -> bytes:
     return split_part10(path.read_bytes())[1]
 
-
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
 
 def crc32(data: bytes) -> str:
     """A CRC-32 as receipts spell it, computed here independently of the project's code."""
     return format(zlib.crc32(data), "08x")
 
-
 def corpus_source(name: str) -> Path:
     path = get_testdata_file(name)
     assert path is not None, f"pydicom test file {name} is missing"
     return Path(path)
-
 
 def unique_copy(source: Path, target: Path, rng: random.Random) -> str:
     """Copy a Part 10 file with a new SOP Instance UID of the same length (bytes replaced in
@@ -144,7 +72,6 @@ def unique_copy(source: Path, target: Path, rng: random.Random) -> str:
     target.write_bytes(data)
     return new
 
-
 def _identified(sop_class: str, sop_instance: str | None = None, study: str | None = None,
                 series: str | None = None) -> Dataset:
     """A dataset with its four identifying UIDs (new ones unless given)."""
@@ -154,7 +81,6 @@ def _identified(sop_class: str, sop_instance: str | None = None, study: str | No
     ds.StudyInstanceUID = study or generate_uid()
     ds.SeriesInstanceUID = series or generate_uid()
     return ds
-
 
 def make_segmentation(target: Path) -> str:
     """A small binary segmentation instance (no such file ships with pydicom)."""
@@ -173,7 +99,6 @@ def make_segmentation(target: Path) -> str:
     ds.add_new(0x7FE00010, "OB", bytes(range(16)))
     return _save(ds, target)
 
-
 def make_instance(target: Path, pixel_bytes: int = 1024, study: str | None = None,
                   series: str | None = None, sop_instance: str | None = None) -> str:
     """A CT-like instance with ``pixel_bytes`` of pixel data, explicit little endian."""
@@ -191,7 +116,6 @@ def make_instance(target: Path, pixel_bytes: int = 1024, study: str | None = Non
     ds.PixelData = random.randbytes(side * side * 2)
     return _save(ds, target)
 
-
 def _save(ds: Dataset, target: Path) -> str:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
@@ -200,7 +124,6 @@ def _save(ds: Dataset, target: Path) -> str:
     ds.file_meta = meta
     ds.save_as(target, enforce_file_format=True)
     return str(ds.SOPInstanceUID)
-
 
 def hostile_dataset(**changes: object) -> Dataset:
     """A small CT dataset with ``changes`` applied (None deletes an attribute), for hostile
@@ -216,7 +139,6 @@ def hostile_dataset(**changes: object) -> Dataset:
             else:
                 setattr(ds, key, value)
     return ds
-
 
 def raw_part10(sop_class: str, sop_instance: str, body: bytes,
                transfer_syntax: str = ExplicitVRLittleEndian) -> bytes:
@@ -237,7 +159,6 @@ def raw_part10(sop_class: str, sop_instance: str, body: bytes,
         write_file_meta_info(out, meta, enforce_standard=True)
     return out.getvalue() + body
 
-
 def encode_dataset(ds: Dataset) -> bytes:
     """Dataset bytes in explicit little endian, without File Meta."""
     from pydicom.filebase import DicomBytesIO
@@ -250,114 +171,7 @@ def encode_dataset(ds: Dataset) -> bytes:
         write_dataset(out, ds)
     return out.getvalue()
 
-
-# --- senders ---------------------------------------------------------------------------------
-
-
-def pynetdicom_send(port: int, files: Iterable[Path], calling: str = "PYNETDICOM",
-                    called: str = "DICOM-INGEST") -> list[int | None]:
-    """Send Part 10 files over one association, their dataset bytes untouched; the statuses
-    the sender saw (None where no response came)."""
-    from pynetdicom import AE, _config
-
-    _config.STORE_SEND_CHUNKED_DATASET = True  # send the bytes after the File Meta as they are
-    files = list(files)
-    ae = AE(ae_title=calling)
-    contexts = set()
-    for path in files:
-        meta = pydicom.filereader.read_file_meta_info(path)
-        contexts.add((str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
-    for sop_class, ts in sorted(contexts):
-        ae.add_requested_context(sop_class, ts)
-    assoc = associate(ae, "127.0.0.1", port, ae_title=called)
-    assert assoc.is_established, "association was not established"
-    statuses: list[int | None] = []
-    try:
-        for path in files:
-            status = assoc.send_c_store(path)
-            statuses.append(int(status.Status) if "Status" in status else None)
-    finally:
-        assoc.release()
-    return statuses
-
-
-def run(args: list[str], env: dict[str, str] | None = None, timeout: float = 120,
-        check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout,
-                            stdin=subprocess.DEVNULL, cwd=cwd)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{args[0]} exited {result.returncode}:\n{result.stdout}\n"
-                             f"{result.stderr}")
-    return result
-
-
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "dicom_ingest", *args]
-
-
 def objects_under(root: Path) -> dict[str, Path]:
     """Relative key -> path of every file in a directory archive."""
     return {str(p.relative_to(root)): p for p in sorted(root.rglob("*")) if p.is_file()
             and not p.name.startswith(".")}
-
-
-
-def spool_entry(spool: Any, part10: bytes, calling: str = "TEST", legacy: bool = False) -> Any:
-    """Commit a Part 10 file to ``spool`` as the receiver would (a receipt with the file's
-    CRC-32; ``legacy``: with its sha256 instead, as receivers before receipt version 2
-    wrote them); returns its Receipt."""
-    import time as _time
-
-    from ingest.spool import Receipt, new_receipt_id
-
-    meta_bytes, _ = split_part10(part10)
-    tmp = spool.tmp / f"received-{random.randrange(1 << 30)}.dcm"
-    tmp.write_bytes(part10)
-    meta = pydicom.filereader.read_file_meta_info(tmp)
-    receipt = Receipt(
-        receipt_id=new_receipt_id(), calling_aet=calling, called_aet="DICOM-INGEST",
-        peer="127.0.0.1:1", received_at=_time.time(),
-        sop_class_uid=str(meta.MediaStorageSOPClassUID),
-        sop_instance_uid=str(meta.MediaStorageSOPInstanceUID),
-        transfer_syntax=str(meta.TransferSyntaxUID), size=len(part10),
-        dataset_offset=len(meta_bytes), sha256=sha256(part10) if legacy else "",
-        crc32="" if legacy else crc32(part10), version=1 if legacy else 2)
-    spool.commit(tmp, receipt)
-    return receipt
-
-
-def spool_entries(spool: Any, folder: Path, count: int) -> list[Any]:
-    """``count`` new instances (``folder/0.dcm`` ...) committed to ``spool``; their Receipts."""
-    receipts = []
-    for n in range(count):
-        make_instance(folder / f"{n}.dcm")
-        receipts.append(spool_entry(spool, (folder / f"{n}.dcm").read_bytes()))
-    return receipts
-
-
-@contextlib.contextmanager
-def task_event_listener(settings: Any) -> Iterator[list[dict[str, Any]]]:
-    """Listen to Celery's events on the settings' broker, as Flower does; yields the list the
-    events arrive in, once the listener is subscribed."""
-    import threading
-
-    from ingest.broker import make_celery
-
-    app = make_celery(settings, "events-test")
-    seen: list[dict[str, Any]] = []
-    ready = threading.Event()
-    try:
-        with app.connection_for_read() as connection:
-            receiver = app.events.Receiver(connection, handlers={"*": seen.append})
-            receiver.on_consume_ready = lambda *args, **kwargs: ready.set()
-            listener = threading.Thread(target=receiver.capture, daemon=True,
-                                        kwargs={"limit": None, "timeout": None})
-            listener.start()
-            try:
-                assert ready.wait(30), "the event receiver did not start"
-                yield seen
-            finally:
-                receiver.should_stop = True
-                listener.join(10)
-    finally:
-        app.close()
