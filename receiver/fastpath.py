@@ -33,9 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pynetdicom.dul import DULServiceProvider
-
-from receiver import limits, statuses
+from receiver import internals, limits, statuses
 from receiver.handlers import Arrival, Received, StoreContext, account, hand_off, store
 from receiver.reactors import wait_readable
 from receiver.streams import SpoolTempFile
@@ -208,7 +206,7 @@ class _Store:
 class FastPath:
     """Installed on one association's DUL when its connection opens."""
 
-    def __init__(self, dul: DULServiceProvider, ctx: StoreContext,
+    def __init__(self, dul: internals.Dul, ctx: StoreContext,
                  bounds: limits.PduLimits) -> None:
         self.dul = dul
         self.ctx = ctx
@@ -222,7 +220,7 @@ class FastPath:
         self._parties: _Parties | None = None  # the association's, once it is established
 
     def install(self) -> None:
-        self.dul._read_pdu_data = self.read_pdu  # type: ignore[method-assign]
+        self.dul.replace_reader(self.read_pdu)
 
     # -- reading -----------------------------------------------------------------------
 
@@ -237,23 +235,22 @@ class FastPath:
         """
         dul = self.dul
         while True:
-            if dul.state_machine.current_state != _ESTABLISHED or dul.socket is None:
+            if dul.state != _ESTABLISHED or dul.transport is None:
                 self.bounds.read_pdu()
                 return
             if not self._read_one():
                 return
             # data arrived: the association is not idle (pynetdicom restarts this timer after
             # each turn of its reactor; a long dataset is read here in one turn)
-            dul._idle_timer.restart()
-            if dul._kill_thread or dul.to_provider_queue.queue or dul.event_queue.queue:
+            dul.restart_idle_timer()
+            if dul.has_work():
                 return
             if self._store is None or not self._readable(_MID_MESSAGE_WAIT):
                 return
 
     def _readable(self, timeout: float) -> bool:
         try:
-            return bool(wait_readable(self.dul.socket.socket,  # type: ignore[union-attr]
-                                      timeout))
+            return bool(wait_readable(self.dul.sock, timeout))
         except (OSError, ValueError, AttributeError):
             return False
 
@@ -303,7 +300,7 @@ class FastPath:
         if len(self._buffer) < count:
             self._buffer = bytearray(count)
         view = memoryview(self._buffer)[:count]
-        sock: Any = self.dul.socket.socket  # type: ignore[union-attr]
+        sock: Any = self.dul.sock
         got = 0
         try:
             while got < count:
@@ -324,7 +321,7 @@ class FastPath:
         drop what is in progress and tell pynetdicom (Evt17, transport closed)."""
         log.info("association closed by the peer mid-PDU (%d bytes short)", short)
         self.abandon()
-        self.dul.event_queue.put("Evt17")
+        self.dul.event("Evt17")
 
     def _recv_bytes(self, count: int) -> bytes | None:
         view = self._recv(count)
@@ -339,7 +336,7 @@ class FastPath:
         staging buffer where it has one, else through the reused receive buffer."""
         while count and stream.receives_directly:
             try:
-                got = stream.receive(self.dul.socket.socket, count)  # type: ignore[union-attr]
+                got = stream.receive(self.dul.sock, count)
             except (OSError, TimeoutError, AttributeError):
                 got = 0
             if not got:
@@ -357,15 +354,9 @@ class FastPath:
 
     def _to_pynetdicom(self, pdu: bytes) -> None:
         """Hand a whole PDU to pynetdicom, as its own reader would have."""
-        try:
-            decoded, event = self.dul._decode_pdu(bytearray(pdu))
-        except Exception:
-            log.exception("unable to decode a received PDU: aborting the association")
+        if not self.dul.deliver(pdu):  # pynetdicom aborts the association
+            log.error("unable to decode a received PDU: aborting the association")
             self.abandon()
-            self.dul.event_queue.put("Evt19")
-            return
-        self.dul.event_queue.put(event)
-        self.dul._recv_pdu.put(decoded)
 
     def _on_pdv(self, size: int, context_id: int, control: int, items: list[bytes]) -> bool:
         """Read and route one PDV of ``size`` bytes; False when the association ends."""
@@ -414,7 +405,7 @@ class FastPath:
         """Drop what is in progress; pynetdicom aborts the association (invalid PDU)."""
         self.abandon()
         self._command, self._held = bytearray(), []
-        self.dul.event_queue.put("Evt19")
+        self.dul.event("Evt19")
         return False
 
     @staticmethod
@@ -446,7 +437,7 @@ class FastPath:
                 or len(sop_class) > _MAX_UID or len(sop_instance) > _MAX_UID):
             return None
         assoc = self.dul.assoc
-        context = assoc._accepted_cx.get(context_id)
+        context = internals.accepted_context(assoc, context_id)
         if context is None or str(context.abstract_syntax) != sop_class.decode("latin-1"):
             return None  # pynetdicom answers with the status the standard gives
         transfer_syntax = str(context.transfer_syntax[0])
@@ -500,9 +491,9 @@ class FastPath:
         response = store_response(current.sop_class, current.sop_instance, current.message_id,
                                   status)
         max_pdu = int(self.dul.assoc.requestor.maximum_length or 0)
-        sock = self.dul.socket
-        if sock is not None:
-            sock.send(command_pdus(current.context_id, response, max_pdu))
+        transport = self.dul.transport
+        if transport is not None:
+            transport.send(command_pdus(current.context_id, response, max_pdu))
         if status != statuses.SUCCESS:
             log.debug("C-STORE status=0x%04X answered", status)
 
@@ -521,7 +512,8 @@ class FastPath:
 def on_connection(event: Any, ctx: StoreContext) -> None:
     """EVT_CONN_OPEN handler: put the fast path on this association's DUL."""
     if getattr(event.assoc, "is_acceptor", True):
-        fast = FastPath(event.assoc.dul, ctx, limits.installed(event.assoc, ctx.metrics))
+        fast = FastPath(internals.Dul(event.assoc.dul), ctx,
+                        limits.installed(event.assoc, ctx.metrics))
         fast.install()
         event.assoc._dicom_ingest_fast_path = fast
 

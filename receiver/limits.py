@@ -18,10 +18,8 @@ A PDU refused is never read: the association is aborted (A-ABORT), the connectio
 the abort counted by reason and logged with the peer's address.
 
 :class:`PduLimits` replaces ``DULServiceProvider._read_pdu_data`` on each association, and
-the fast path asks it about the PDUs it reads itself. pynetdicom internals used here:
-``_read_pdu_data`` (replaced), ``_decode_pdu`` and ``_recv_pdu`` (what its reader does with
-a whole PDU), and, to end the association thread's wait for an A-ASSOCIATE-RQ at once, its
-handling of ``None`` from ``to_user_queue`` as that wait timing out.
+the fast path asks it about the PDUs it reads itself; both reach pynetdicom's reader through
+:mod:`receiver.internals`.
 """
 
 from __future__ import annotations
@@ -31,8 +29,7 @@ import struct
 import time
 from typing import Any
 
-from pynetdicom.dul import DULServiceProvider
-
+from receiver import internals
 from receiver.metrics import ReceiverMetrics
 from receiver.reactors import wait_readable
 
@@ -65,18 +62,18 @@ def refusal(state: str, pdu_type: int, length: int, max_length: int) -> str | No
 class PduLimits:
     """Installed on one association's DUL when its connection opens."""
 
-    def __init__(self, dul: DULServiceProvider, metrics: ReceiverMetrics) -> None:
+    def __init__(self, dul: internals.Dul, metrics: ReceiverMetrics) -> None:
         self.dul = dul
         self.metrics = metrics
         self.refused = False  # once refused, nothing more is read: the connection closes
 
     def install(self) -> None:
-        self.dul._read_pdu_data = self.read_pdu  # type: ignore[method-assign]
+        self.dul.replace_reader(self.read_pdu)
 
     def admit(self, pdu_type: int, length: int) -> bool:
         """May a PDU with this header be read now? If not, the association is aborted."""
         dul = self.dul
-        state = dul.state_machine.current_state
+        state = dul.state
         reason = refusal(state, pdu_type, length, int(dul.assoc.acceptor.maximum_length or 0))
         if reason is None:
             return True
@@ -90,11 +87,11 @@ class PduLimits:
         self.refused = True
         self.metrics.protocol_aborts.labels(reason).inc()
         log.warning("protocol abort reason=%s peer=%s: %s", reason, _peer(dul), what)
-        if dul.state_machine.current_state in _AWAITING_REQUEST:
-            # the association thread waits for an A-ASSOCIATE-RQ that will never come: None
-            # is its wait timing out, so it ends now instead of holding a slot until then
-            dul.to_user_queue.put(None)  # type: ignore[arg-type]
-        dul.event_queue.put("Evt19")  # invalid PDU: A-ABORT
+        if dul.state in _AWAITING_REQUEST:
+            # the association thread waits for an A-ASSOCIATE-RQ that will never come: end
+            # that wait now instead of holding a slot until it times out
+            dul.end_request_wait()
+        dul.event("Evt19")  # invalid PDU: A-ABORT
 
     # -- reading -------------------------------------------------------------------------
 
@@ -102,11 +99,11 @@ class PduLimits:
         """Replaces ``DULServiceProvider._read_pdu_data``: one PDU, if its header allows."""
         dul = self.dul
         if self.refused:
-            if dul.socket is not None:
-                dul.socket.close()  # Evt17, transport closed
+            if dul.transport is not None:
+                dul.transport.close()  # Evt17, transport closed
             return
         deadline = None
-        if dul.state_machine.current_state not in _ASSOCIATED:
+        if dul.state not in _ASSOCIATED:
             timer = dul.artim_timer
             if timer.timeout is not None:
                 deadline = time.monotonic() + max(0.0, timer.remaining)
@@ -119,20 +116,13 @@ class PduLimits:
         body = self._recv(length, deadline)
         if body is None:
             return
-        try:
-            pdu, event = dul._decode_pdu(header + body)
-        except Exception:  # untrusted bytes: pynetdicom's reader catches the same
-            log.exception("unable to decode a PDU from %s: aborting the association",
-                          _peer(dul))
-            dul.event_queue.put("Evt19")
-            return
-        dul.event_queue.put(event)
-        dul._recv_pdu.put(pdu)
+        if not dul.deliver(header + body):  # pynetdicom aborts the association
+            log.error("unable to decode a PDU from %s: aborting the association", _peer(dul))
 
     def _recv(self, count: int, deadline: float | None) -> bytearray | None:
         """Exactly ``count`` bytes, read as they arrive (what is held is what was sent);
         None when the peer went away (Evt17) or ``deadline`` passed (refused) first."""
-        sock: Any = self.dul.socket.socket if self.dul.socket is not None else None
+        sock: Any = self.dul.sock
         data = bytearray()
         try:
             while len(data) < count:
@@ -149,12 +139,12 @@ class PduLimits:
         except (OSError, ValueError, AttributeError):
             pass
         if len(data) < count:
-            self.dul.event_queue.put("Evt17")
+            self.dul.event("Evt17")
             return None
         return data
 
 
-def _peer(dul: DULServiceProvider) -> str:
+def _peer(dul: internals.Dul) -> str:
     requestor = dul.assoc.requestor
     return f"{requestor.address}:{requestor.port}"
 
@@ -163,7 +153,7 @@ def installed(assoc: Any, metrics: ReceiverMetrics) -> PduLimits:
     """The limits on this association's DUL, installed now if they are not yet."""
     limits = getattr(assoc, "_dicom_ingest_limits", None)
     if not isinstance(limits, PduLimits):
-        limits = PduLimits(assoc.dul, metrics)
+        limits = PduLimits(internals.Dul(assoc.dul), metrics)
         limits.install()
         assoc._dicom_ingest_limits = limits
     return limits

@@ -21,19 +21,15 @@ negotiation, after a release) pynetdicom's own code runs with its own poll.
 from __future__ import annotations
 
 import contextlib
-import queue
 import select
 import socket
 import ssl
 import threading
 import time
-import types
 from collections.abc import Callable
 from typing import Any
 
-import pynetdicom.association
-import pynetdicom.dul
-from pynetdicom.dul import DULServiceProvider
+from receiver import internals
 
 WAIT = 0.05  # seconds a reactor waits for work before it looks around anyway
 _REACTOR_TURN = 0.001  # the association reactor's hard-coded sleep
@@ -70,42 +66,24 @@ def _dul_sleep(seconds: float) -> None:
     gives up the GIL; in the reactor's own thread it now returns at once. Anywhere else (the
     association thread waiting in ``stop_dul`` for the reactor to end) it sleeps as before,
     so that wait still lets the reactor run."""
-    if seconds > 0 or not isinstance(threading.current_thread(), DULServiceProvider):
+    if seconds > 0 or not internals.is_dul_thread(threading.current_thread()):
         time.sleep(seconds)
-
-
-def _time_with(sleep: Callable[[float], None]) -> types.ModuleType:
-    module = types.ModuleType("time")
-    module.__dict__.update(time.__dict__)
-    module.sleep = sleep  # type: ignore[attr-defined]
-    return module
 
 
 def install() -> None:
     """Give ``pynetdicom.association`` a ``time`` module whose reactor sleep waits for work,
     and ``pynetdicom.dul`` one whose reactor does not sleep for nothing (module attributes,
     set once at the receiver's entry, like pynetdicom's ``_config``)."""
-    setattr(pynetdicom.association, "time", _time_with(_association_sleep))  # noqa: B010
-    setattr(pynetdicom.dul, "time", _time_with(_dul_sleep))  # noqa: B010
-
-
-def _wake_on_put(target: queue.Queue[Any], wake: Callable[[], None]) -> None:
-    put = target.put
-
-    def put_and_wake(item: Any, block: bool = True, timeout: float | None = None) -> None:
-        put(item, block, timeout)
-        wake()
-
-    target.put = put_and_wake  # type: ignore[method-assign]
+    internals.replace_sleeps(_association_sleep, _dul_sleep)
 
 
 class DULWaiter:
     """The DUL thread's wait, installed on one association's DUL."""
 
-    def __init__(self, dul: DULServiceProvider) -> None:
+    def __init__(self, dul: internals.Dul) -> None:
         self.dul = dul
-        self._pynetdicom_transport_event = dul._is_transport_event
-        self._poll = dul._run_loop_delay
+        self._pynetdicom_transport_event: Callable[[], bool] = lambda: False
+        self._poll = 0.001
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -113,9 +91,9 @@ class DULWaiter:
 
     def install(self) -> None:
         dul = self.dul
-        dul._is_transport_event = self.transport_event  # type: ignore[method-assign]
-        _wake_on_put(dul.to_provider_queue, self.wake)
-        dul._run_loop_delay = 0  # transport_event does the waiting
+        self._pynetdicom_transport_event = dul.replace_transport_check(self.transport_event)
+        internals.wake_on_put(dul.outgoing(), self.wake)
+        self._poll = dul.set_poll_delay(0)  # transport_event does the waiting
 
     def wake(self) -> None:
         with contextlib.suppress(OSError):  # full: awake already; closed: it is over
@@ -129,12 +107,12 @@ class DULWaiter:
     def transport_event(self) -> bool:
         """Replaces ``DULServiceProvider._is_transport_event``: True when a PDU was read."""
         dul = self.dul
-        if dul.state_machine.current_state != _ESTABLISHED or dul.socket is None or self._closed:
+        if dul.state != _ESTABLISHED or dul.transport is None or self._closed:
             if self._pynetdicom_transport_event():
                 return True
             time.sleep(self._poll)  # pynetdicom's own poll, which its loop no longer sleeps
             return False
-        sock: Any = dul.socket.socket
+        sock: Any = dul.sock
         try:
             ready = wait_readable(sock, WAIT, (self._wake_r,))
             if self._wake_r in ready:
@@ -144,7 +122,7 @@ class DULWaiter:
         except (OSError, ValueError):  # the socket went away: pynetdicom's check says so
             return self._pynetdicom_transport_event()
         if sock in ready:
-            dul._read_pdu_data()
+            dul.read_pdu()
             return True
         return False
 
@@ -154,9 +132,10 @@ def on_connection(event: Any) -> None:
     assoc = event.assoc
     wake = threading.Event()
     assoc._dicom_ingest_wake = wake
-    _wake_on_put(assoc.dul.to_user_queue, wake.set)
-    _wake_on_put(assoc.dimse.msg_queue, wake.set)
-    waiter = DULWaiter(assoc.dul)
+    dul = internals.Dul(assoc.dul)
+    internals.wake_on_put(dul.incoming(), wake.set)
+    internals.wake_on_put(internals.message_queue(assoc), wake.set)
+    waiter = DULWaiter(dul)
     waiter.install()
     assoc._dicom_ingest_waiter = waiter
 

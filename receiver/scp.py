@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import pynetdicom
 from pydicom import config as pydicom_config
 from pydicom.uid import (
     ExplicitVRBigEndian,
@@ -29,7 +30,6 @@ from pynetdicom import (
     AE,
     ALL_TRANSFER_SYNTAXES,
     AllStoragePresentationContexts,
-    _config,
     evt,
 )
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -40,7 +40,7 @@ from ingest.messages import queue_for
 from ingest.settings import Settings, environment, receiver_processes, redact_url
 from ingest.spool import Spool, TempFilePool
 from ingest.stopsignals import StopSignals
-from receiver import fastpath, limits, reactors, streams
+from receiver import fastpath, internals, limits, reactors, streams
 from receiver.associations import AssociationContext, on_accepted, on_ended, on_rejected
 from receiver.handlers import StoreContext, handle_echo, handle_store
 from receiver.metrics import ReceiverMetrics
@@ -146,9 +146,8 @@ def build_ae(settings: Settings) -> AE:
     standard ones pynetdicom lists, and with ``INGEST_UNKNOWN_SOP_CLASSES=accept`` any other
     (vendor-private ones, standard ones newer than pynetdicom), in the transfer syntax the
     sender proposes first."""
-    # pynetdicom's documented switch: contexts of private or unknown abstract syntaxes are
-    # storage contexts, and every C-STORE goes to the storage handler
-    _config.UNRESTRICTED_STORAGE_SERVICE = settings.unknown_sop_classes == "accept"
+    # pynetdicom's documented switch, one of its module-wide settings
+    internals.configure(unrestricted_storage=settings.unknown_sop_classes == "accept")
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_associations = settings.max_associations
     ae.maximum_pdu_size = settings.max_pdu
@@ -159,6 +158,31 @@ def build_ae(settings: Settings) -> AE:
         ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification, TRANSFER_SYNTAXES)
     return ae
+
+
+def private_handlers(settings: Settings, context: StoreContext,
+                     metrics: ReceiverMetrics) -> list[Any]:
+    """The handlers that reach into pynetdicom's internals (:mod:`receiver.internals`): the
+    PDU bounds, the waiting reactors and the fast path. None where the installed pynetdicom
+    lacks one of them: the receiver then runs on plain pynetdicom, and says so once."""
+    if not internals.tested_release():
+        log.warning("receiver: pynetdicom %s is not a release the tests exercise (%s)",
+                    pynetdicom.__version__, ", ".join(internals.TESTED))
+    if not internals.available():
+        log.warning("receiver: pynetdicom %s lacks what the fast path, the reactors and the "
+                    "PDU bounds use (%s); running on plain pynetdicom without them",
+                    pynetdicom.__version__, "; ".join(internals.missing()))
+        return []
+    reactors.install()
+    handlers: list[Any] = [
+        (evt.EVT_CONN_OPEN, limits.on_connection, [metrics]),
+        (evt.EVT_CONN_OPEN, reactors.on_connection),
+        (evt.EVT_CONN_CLOSE, reactors.on_closed),
+    ]
+    if settings.receiver_fast_path:
+        handlers += [(evt.EVT_CONN_OPEN, fastpath.on_connection, [context]),
+                     (evt.EVT_CONN_CLOSE, fastpath.on_closed)]
+    return handlers
 
 
 def _daemon_dul(event: Any) -> None:
@@ -241,7 +265,7 @@ def start(settings: Settings, listen_fd: int | None = None,
     spool.temp_files.start()
     # Stream every incoming dataset to a temp file on the spool filesystem, so memory does not
     # grow with instance size and the finished file can be renamed into the spool.
-    _config.STORE_RECV_CHUNKED_DATASET = True
+    internals.configure(unrestricted_storage=settings.unknown_sop_classes == "accept")
     new_stream = streams.Streams(spool, direct=settings.spool_direct_io,
                                  asynchronous=settings.spool_async_io)
     streams.install(new_stream)
@@ -263,12 +287,8 @@ def start(settings: Settings, listen_fd: int | None = None,
     context = StoreContext(spool=spool, enqueuer=publisher, gate=monitor, metrics=metrics,
                            new_stream=new_stream)
     associations = AssociationContext(settings, metrics)
-    reactors.install()
     handlers: list[Any] = [
         (evt.EVT_CONN_OPEN, _daemon_dul),
-        (evt.EVT_CONN_OPEN, limits.on_connection, [metrics]),
-        (evt.EVT_CONN_OPEN, reactors.on_connection),
-        (evt.EVT_CONN_CLOSE, reactors.on_closed),
         (evt.EVT_C_STORE, handle_store, [context]),  # what the fast path leaves to pynetdicom
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_ACCEPTED, on_accepted, [associations]),
@@ -276,9 +296,7 @@ def start(settings: Settings, listen_fd: int | None = None,
         (evt.EVT_RELEASED, on_ended),
         (evt.EVT_ABORTED, on_ended),
     ]
-    if settings.receiver_fast_path:
-        handlers += [(evt.EVT_CONN_OPEN, fastpath.on_connection, [context]),
-                     (evt.EVT_CONN_CLOSE, fastpath.on_closed)]
+    handlers += private_handlers(settings, context, metrics)
     ae = build_ae(settings)
     if before_serving is not None:
         before_serving()

@@ -290,3 +290,41 @@ def test_unlisted_sop_classes_are_refused_when_so_configured(
     finally:
         assoc.release()
     assert len(entries(settings)) == 1
+
+
+def test_a_pynetdicom_without_the_internals_we_use_gets_plain_pynetdicom(
+        tmp_path: Path, settings: Settings, start_receiver: Any,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Where a pynetdicom release lacks a private name the receiver relies on, it says so
+    once and runs on plain pynetdicom: no fast path, and C-STOREs still answered and spooled
+    byte for byte."""
+    import logging
+
+    from receiver import internals
+
+    monkeypatch.setattr(internals, "missing", lambda: ("pynetdicom.dul.gone (a test)",))
+    with caplog.at_level(logging.WARNING, logger="dicom_ingest"):
+        receiver = start_receiver(settings)
+    assert "running on plain pynetdicom" in caplog.text
+    assert "pynetdicom.dul.gone" in caplog.text
+    files = {make_instance(tmp_path / f"{n}.dcm", pixel_bytes=70_000): tmp_path / f"{n}.dcm"
+             for n in range(3)}
+    assert pynetdicom_send(receiver.port, files.values()) == [statuses.SUCCESS] * 3
+    spooled = entries(settings)
+    assert set(spooled) == set(files)
+    for uid, (receipt, data) in spooled.items():
+        assert split_part10(data)[1] == dataset_bytes(files[uid])
+        # pynetdicom's handler wrote this File Meta; the fast path names both AE titles
+        meta = pydicom.filereader.read_file_meta_info(
+            settings.spool_dir / "entries" / f"{receipt.receipt_id}.dcm")
+        assert "ReceivingApplicationEntityTitle" not in meta
+
+
+def test_every_private_name_the_receiver_uses_is_there() -> None:
+    """The pynetdicom that is installed (a tested release) has every name on the list."""
+    from receiver import internals
+
+    assert internals.tested_release()
+    assert internals.missing() == ()
+    assert internals._has("pynetdicom.dul", "DULServiceProvider", "_recv_pdu")
+    assert not internals._has("pynetdicom.dul", "DULServiceProvider", "_no_such_name")
