@@ -25,10 +25,11 @@ class Pipeline:
     processes: dict[str, subprocess.Popen[bytes]]
     restarts: int = 0
 
-    def restart_dead(self) -> None:
-        """What a restart policy (Compose's, Kubernetes') does: start again what died."""
+    def restart_dead(self, roles: tuple[str, ...] = ("receiver", "worker")) -> None:
+        """What a restart policy (Compose's, Kubernetes') does: start again what died, of
+        ``roles``."""
         for role, proc in list(self.processes.items()):
-            if proc.poll() is not None:
+            if role in roles and proc.poll() is not None:
                 self.restarts += 1
                 with open(self.log_dir / f"{role}.log", "ab") as log:
                     log.write(f"\n--- restarted after exit {proc.returncode} ---\n".encode())

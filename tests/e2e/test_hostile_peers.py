@@ -11,7 +11,7 @@ import pytest
 
 from receiver import statuses
 from tests.e2e.test_operations import scrape, value
-from tests.faults.test_faults import instances
+from tests.faults.harness import instances
 from tests.processes import start_pipeline
 from tests.support import free_port, need, pynetdicom_send
 

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ingest.scu import associate
 from receiver import statuses
-from tests.faults.test_faults import Stream, instances, key_of
+from tests.faults.harness import Stream, instances, key_of
 from tests.processes import start_pipeline
 from tests.support import (
     cli,

@@ -1,19 +1,45 @@
+from collections.abc import Generator, Iterator
 from typing import Any
 
+import pytest
+
+from tests.faults.harness import RESULTS, Row, table
 from tests.processes import pipeline
 
 __all__ = ["pipeline"]
 
 
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    from tests.faults.test_faults import RESULTS
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Generator[None, Any, None]:
+    """Keep each phase's report on the item: the ``row`` fixture reads the call's."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"report_{report.when}", report)
 
+
+@pytest.fixture
+def row(request: pytest.FixtureRequest) -> Iterator[Row]:
+    """This scenario's line in the table, in it from the start: counted and marked pass or
+    FAIL when the test ends, whatever happened in it."""
+    line = Row(request.node.name)
+    RESULTS.append(line)
+    try:
+        yield line
+    finally:
+        try:
+            line.tally()
+        except Exception as exc:  # the archive cannot be listed: say so in the table
+            line.fault += f" (not counted: {exc})"
+        report = getattr(request.node, "report_call", None)
+        line.result = ("pass" if report is not None and report.passed
+                       else "skipped" if report is not None and report.skipped else "FAIL")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
     if not RESULTS:
         return
     write = terminalreporter.write_line
     write("")
     write("fault scenarios: every instance that got 0x0000 must be archived (lost = 0)")
-    write(f"{'scenario':58} {'sent':>5} {'acked':>6} {'archived':>9} {'quarantined':>12} "
-          f"{'lost':>5}")
-    for row in RESULTS:
-        write(f"{row[0]:58} {row[1]:5d} {row[2]:6d} {row[3]:9d} {row[4]:12d} {row[5]:5d}")
+    for line in table():
+        write(line)

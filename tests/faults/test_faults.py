@@ -1,191 +1,301 @@
 """Real faults while a real sender streams: the invariant is that every instance that got
 0x0000 is archived exactly once under its key with its bytes, the spool ends empty and no
-temp file is left behind."""
+temp file is left behind. Each scenario also shows, from the outside, that its fault
+happened where it claims: a C-STORE in flight, a task under way, a status the sender heard,
+a worker killed on the same object each time."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
-import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import pydicom
 import pytest
 
-from ingest.keys import instance_key
-from ingest.scu import associate
-from ingest.spool import in_use
+from ingest.spool import Spool
 from receiver import statuses
+from tests.faults.harness import (
+    Row,
+    Stream,
+    TcpProxy,
+    alive,
+    assert_invariant,
+    children,
+    cmdline,
+    count_into,
+    frozen_mid_task,
+    holders,
+    instances,
+    key_of,
+    signal_all,
+    sop_of,
+)
 from tests.processes import Pipeline
-from tests.support import make_instance, objects_under, split_part10, wait_for
+from tests.support import free_port, make_instance, objects_under, pynetdicom_send, wait_for
 
 pytestmark = pytest.mark.faults
-#: (scenario, sent, acked, archived, quarantined, lost), printed at the end of the run
-RESULTS: list[tuple[str, int, int, int, int, int]] = []
+MB = 1024 * 1024
 
 
-@dataclass
-class Stream:
-    """A pynetdicom sender on its own thread, one association, recording what it saw."""
-
-    port: int
-    files: list[Path]
-    pause: float = 0.02
-    statuses: dict[Path, int | None] = field(default_factory=dict)
-    done: threading.Event = field(default_factory=threading.Event)
-
-    def start(self) -> Stream:
-        threading.Thread(target=self._run, daemon=True).start()
-        return self
-
-    def _run(self) -> None:
-        from pynetdicom import AE, _config
-
-        _config.STORE_SEND_CHUNKED_DATASET = True
-        try:
-            ae = AE(ae_title="FAULTS")
-            ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
-            assoc = associate(ae, "127.0.0.1", self.port, ae_title="DICOM-INGEST")
-            for path in self.files:
-                if not assoc.is_established:
-                    break
-                try:
-                    rsp = assoc.send_c_store(path)
-                    self.statuses[path] = int(rsp.Status) if "Status" in rsp else None
-                except Exception:
-                    self.statuses[path] = None
-                    break
-                time.sleep(self.pause)
-            if assoc.is_established:
-                assoc.release()
-        finally:
-            self.done.set()
-
-    @property
-    def acked(self) -> list[Path]:
-        return [p for p, s in self.statuses.items() if s == statuses.SUCCESS]
-
-    def wait(self, timeout: float = 120) -> Stream:
-        assert self.done.wait(timeout), "the sender did not finish"
-        return self
-
-
-def instances(folder: Path, count: int, size: int = 64 * 1024) -> list[Path]:
-    folder.mkdir(exist_ok=True)
-    out = []
-    for i in range(count):
-        make_instance(folder / f"{i:04d}.dcm", pixel_bytes=size)
-        out.append(folder / f"{i:04d}.dcm")
-    return out
-
-
-def key_of(path: Path) -> str:
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    return instance_key("", ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
-
-
-def assert_invariant(pipeline: Pipeline, acked: list[Path], timeout: float = 120,
-                     scenario: str = "", sent: int = 0, quarantined: int = 0,
-                     acked_count: int | None = None) -> None:
-    """Every acked instance archived with its bytes; spool and temp dir empty."""
-    assert acked, "nothing was acked: the scenario proved nothing"
-    keys = {key_of(p): p for p in acked}
-    wait_for(lambda: set(keys) <= set(objects_under(pipeline.archive)), timeout, 0.2,
-             f"{len(keys)} acked instances archived")
-    archived = objects_under(pipeline.archive)
-    for key, path in keys.items():
-        assert split_part10(archived[key].read_bytes())[1] == split_part10(path.read_bytes())[1]
-    in_quarantine = [k for k in archived if k.startswith("quarantine/") and k.endswith(".json")]
-    assert len(in_quarantine) == quarantined
-    entries = pipeline.settings.spool_dir / "entries"
-    wait_for(lambda: not list(entries.iterdir()), timeout, 0.2, "an empty spool")
-    tmp = pipeline.settings.spool_dir / "tmp"
-
-    def leftovers() -> list[Path]:
-        # what may stay: the running receiver's spare temp files, empty and locked
-        return [p for p in tmp.iterdir() if p.stat().st_size or not in_use(p)]
-
-    wait_for(lambda: not leftovers(), timeout, 0.2, "no temp files left")
-    good = [k for k in objects_under(pipeline.archive) if not k.startswith("quarantine/")]
-    lost = len(set(keys) - set(good))
-    acked_count = len(acked) if acked_count is None else acked_count
-    RESULTS.append((scenario, sent or acked_count, acked_count, len(good), quarantined, lost))
-
-
-def test_worker_killed_mid_stream(pipeline: Pipeline, tmp_path: Path) -> None:
-    files = instances(tmp_path / "in", 40)
+def test_worker_killed_mid_task(row: Row, pipeline: Pipeline, tmp_path: Path) -> None:
+    """The worker (main process and pool) is killed while tasks are under way: an entry's
+    attempt begun and not ended at the kill. The restarted worker finishes those entries."""
+    row.scenario = "worker SIGKILL mid-task, restarted"
+    files = instances(tmp_path / "in", 40, size=MB)
+    sops = {sop_of(p): p for p in files}
     stream = Stream(pipeline.port, files).start()
     wait_for(lambda: len(objects_under(pipeline.archive)) >= 5, 60, what="archiving started")
-    worker = pipeline.processes["worker"]
-    subprocess.run(["pkill", "-KILL", "-P", str(worker.pid)], check=False)  # pool children
-    worker.send_signal(signal.SIGKILL)
+    worker = pipeline.processes.pop("worker")
+    spool = Spool(pipeline.settings.spool_dir)
+    with frozen_mid_task(worker.pid, spool.root) as (pids, unfinished):
+        under_way = {rid: spool.read_receipt(rid) for rid in unfinished}
+        signal_all(pids, signal.SIGKILL)
     worker.wait(10)
-    pipeline.processes.pop("worker")
+    row.fault = f"{len(unfinished)} task(s) under way at the kill"
     stream.wait()
-    pipeline.start("worker")
+    row.sent, row.acked = len(stream.statuses), len(stream.acked)
+    count_into(row, pipeline, stream.acked)
+    log_before = len(pipeline.log("worker"))
+    pipeline.start("worker", keep_log=True)
     assert len(stream.acked) == len(files)
-    assert_invariant(pipeline, stream.acked, scenario="worker SIGKILL mid-stream, restarted",
-                     sent=len(files))
+    assert_invariant(pipeline, stream.acked)
+    after = pipeline.log("worker")[log_before:]
+    for rid, receipt in under_way.items():
+        assert receipt is not None and receipt.sop_instance_uid in sops
+        assert f"archived receipt={rid}" in after, f"{rid} was not finished after the restart"
 
 
-def test_receiver_killed_mid_association(pipeline: Pipeline, tmp_path: Path) -> None:
-    files = instances(tmp_path / "in", 60)
-    stream = Stream(pipeline.port, files).start()
-    wait_for(lambda: len(stream.statuses) >= 10, 60, what="ten instances sent")
-    pipeline.stop("receiver", signal.SIGKILL)
-    stream.wait()
-    failed = [p for p, s in stream.statuses.items() if s != statuses.SUCCESS]
-    assert len(failed) <= 1  # only the one in flight may fail
-    pipeline.start("receiver")  # its sweeper removes the dead one's temp file, if any
-    assert_invariant(pipeline, stream.acked, scenario="receiver SIGKILL mid-association",
-                     sent=len(stream.statuses))
+def test_receiver_killed_mid_c_store(row: Row, pipeline: Pipeline, tmp_path: Path) -> None:
+    """The receiver is killed while a large instance is half-way in: its bytes are in the
+    spool's tmp/, no answer went out. The sender hears no status for it; its retry after
+    the restart is archived once, and the half-received file is swept away."""
+    row.scenario = "receiver SIGKILL mid-C-STORE, restarted"
+    first = instances(tmp_path / "first", 10)
+    big = tmp_path / "big.dcm"
+    make_instance(big, pixel_bytes=32 * MB)
+    rest = instances(tmp_path / "rest", 5)
+    # the proxy passes the small ones and half of the big one, then holds: the receiver
+    # cannot have the whole dataset, so it cannot have answered it
+    half = sum(p.stat().st_size for p in first) + big.stat().st_size // 2
+    proxy = TcpProxy(free_port(), pipeline.port, hold_after=half).start()
+    try:
+        stream = Stream(proxy.listen, [*first, big, *rest], pause=0).start()
+        assert proxy.holding.wait(60), "the transfer never got half-way"
+        tmp = pipeline.settings.spool_dir / "tmp"
+
+        def partial() -> list[Path]:  # the instance arriving: a temp file with its bytes
+            return [p for p in tmp.iterdir() if p.stat().st_size >= MB]
+
+        in_flight = wait_for(partial, 30, what="the big instance's bytes in the spool's tmp/")
+        assert big not in stream.statuses, "the big instance was answered before the kill"
+        receiver = pipeline.processes["receiver"].pid
+        pipeline.stop("receiver", signal.SIGKILL)
+        assert not alive(receiver)
+        received = in_flight[0].stat().st_size
+        row.fault = (f"{received / MB:.0f} of {big.stat().st_size / MB:.0f} MB in, no answer; "
+                     "sender heard none")
+        stream.wait()
+    finally:
+        proxy.stop()
+    assert stream.statuses[big] is None, "the sender heard a status for the instance in flight"
+    assert stream.acked == first
+    assert in_flight[0].exists(), "the half-received file should wait for the sweeper"
+    assert not any(p.name.startswith(in_flight[0].name) for p in
+                   (pipeline.settings.spool_dir / "entries").iterdir())
+    pipeline.start("receiver")  # its sweeper removes the dead one's temp file
+    retry = [big, *rest]  # what the sender still holds: the failed one and the unsent ones
+    retried = pynetdicom_send(pipeline.port, retry)
+    acked = [*stream.acked, *(p for p, s in zip(retry, retried, strict=True)
+                              if s == statuses.SUCCESS)]
+    row.sent, row.acked = len(stream.statuses) + len(retry), len(acked)
+    count_into(row, pipeline, acked)
+    assert retried == [statuses.SUCCESS] * len(retry)
+    assert_invariant(pipeline, acked)
+    assert not in_flight[0].exists()
+    big_sop = sop_of(big)
+    assert pipeline.log("worker").count(f"sop={big_sop}") == 1, "the retry was not archived once"
 
 
-def test_redis_killed_and_restarted_empty_mid_stream(tmp_path: Path) -> None:
-    """Redis dies (SIGKILL) mid-stream and comes back empty: the receiver keeps acking (the
-    publish fails, the entry is durable), and its own sweeper re-enqueues everything."""
+def test_redis_killed_and_restarted_empty_mid_stream(row: Row, tmp_path: Path) -> None:
+    """Redis dies (SIGKILL) mid-stream and comes back empty. The receiver is not restarted:
+    it keeps acking (the publish fails, the entry is durable), and its own sweeper
+    re-enqueues everything."""
     from ingest.embedded import EmbeddedRedis
     from tests.processes import start_pipeline
 
+    row.scenario = "Redis SIGKILL mid-stream, restarted empty"
     redis = EmbeddedRedis(tmp_path / "redis", persist=False)
     redis.start()
     try:
         with start_pipeline(tmp_path, redis.url) as pipeline:
+            receiver = pipeline.processes["receiver"].pid
             files = instances(tmp_path / "in", 40)
             stream = Stream(pipeline.port, files, pause=0.05).start()
             wait_for(lambda: len(stream.statuses) >= 10, 60, what="ten instances sent")
             assert redis.process is not None
+            killed = redis.process.pid
             redis.process.kill()
             redis.process.wait()
             wait_for(lambda: len(stream.statuses) >= 25, 60, what="sends while Redis is down")
             redis.start()  # same port, nothing in it
+            assert redis.process is not None and redis.process.pid != killed
+            row.fault = "Redis pid changed, receiver pid kept"
             stream.wait()
+            row.sent, row.acked = len(stream.statuses), len(stream.acked)
+            count_into(row, pipeline, stream.acked)
             assert len(stream.acked) == len(files)
-            # Celery 5.7's worker can give up when its broker vanishes ("Unrecoverable
-            # error"); Compose and Kubernetes restart it, and so does this harness
+            # Celery 5.7's worker can give up when its broker vanishes ("Unrecoverable error":
+            # kombu's Redis transport fails restoring unacked messages on the closed
+            # connection); Compose and Kubernetes restart it, and so does this harness: the
+            # worker only
             keys = {key_of(p) for p in stream.acked}
-            wait_for(lambda: pipeline.restart_dead()
+            wait_for(lambda: pipeline.restart_dead(roles=("worker",))
                      or keys <= set(objects_under(pipeline.archive)), 120, 0.5,
-                     "everything archived, restarting what died")
-            assert_invariant(pipeline, stream.acked, scenario="Redis SIGKILL mid-stream, "
-                             "restarted empty" + (f" ({pipeline.restarts} worker restart)"
-                                                  if pipeline.restarts else ""))
+                     "everything archived, restarting a worker that died")
+            if pipeline.restarts:
+                row.fault += f"; worker restarted {pipeline.restarts}x"
+            assert_invariant(pipeline, stream.acked)
+            assert pipeline.processes["receiver"].pid == receiver and alive(receiver), \
+                f"the receiver died when Redis did: {pipeline.log('receiver')[-3000:]}"
+            assert "requeued=" in pipeline.log("receiver"), "the sweeper re-enqueued nothing"
     finally:
         redis.stop()
 
 
-def test_s3_down_then_back(tmp_path: Path, redis_url: str, s3_endpoint: str,
+def test_publisher_killed_mid_stream(row: Row, pipeline: Pipeline, tmp_path: Path) -> None:
+    """The receiver's publisher process (``python -m receiver.publisher``) is killed while
+    instances arrive: the receiver starts another; what the dead one had not pushed, the
+    sweeper enqueues. The receiver itself keeps running."""
+    row.scenario = "publisher SIGKILL mid-stream"
+    receiver = pipeline.processes["receiver"].pid
+
+    def publishers() -> list[int]:
+        return [p for p in children(receiver) if "receiver.publisher" in cmdline(p)]
+
+    first = wait_for(publishers, 30, what="the publisher process")[0]
+    files = instances(tmp_path / "in", 40)
+    stream = Stream(pipeline.port, files).start()
+    wait_for(lambda: len(stream.statuses) >= 10, 60, what="ten instances sent")
+    signal_all([first], signal.SIGKILL)
+    wait_for(lambda: not alive(first), 10, what="the publisher gone")
+    acked_at_kill = len(stream.statuses)
+    stream.wait()
+    row.sent, row.acked = len(stream.statuses), len(stream.acked)
+    count_into(row, pipeline, stream.acked)
+    assert acked_at_kill < len(files), "the kill came after the stream"
+    replaced = wait_for(lambda: [p for p in publishers() if p != first], 30,
+                        what="another publisher process")
+    row.fault = f"publisher pid {first} -> {replaced[0]}; receiver pid kept"
+    assert len(stream.acked) == len(files)
+    assert_invariant(pipeline, stream.acked)
+    assert pipeline.processes["receiver"].pid == receiver and alive(receiver)
+    assert "publisher process gone" in pipeline.log("receiver")
+
+
+def test_worker_warm_shutdown_mid_task(row: Row, pipeline: Pipeline, tmp_path: Path) -> None:
+    """SIGTERM reaches the worker while tasks are under way: it stops taking new ones and
+    finishes those (their entries archived and gone before it exits 0)."""
+    row.scenario = "worker SIGTERM mid-task (warm shutdown)"
+    files = instances(tmp_path / "in", 12, size=8 * MB)
+    stream = Stream(pipeline.port, files, pause=0).start()
+    worker = pipeline.processes.pop("worker")
+    spool = Spool(pipeline.settings.spool_dir)
+    with frozen_mid_task(worker.pid, spool.root) as (_, unfinished):
+        worker.send_signal(signal.SIGTERM)  # delivered as the worker goes on
+    assert worker.wait(60) == 0, "the worker did not stop cleanly"
+    row.fault = f"{len(unfinished)} task(s) under way at SIGTERM, finished before exit"
+    stream.wait()
+    row.sent, row.acked = len(stream.statuses), len(stream.acked)
+    count_into(row, pipeline, stream.acked)
+    log = pipeline.log("worker")
+    for rid in unfinished:
+        assert not spool.dcm_path(rid).exists(), f"{rid} was left unfinished by the shutdown"
+        assert f"archived receipt={rid}" in log
+    assert "warm shutdown" in log
+    pipeline.start("worker", keep_log=True)
+    assert len(stream.acked) == len(files)
+    assert_invariant(pipeline, stream.acked)
+
+
+def test_poison_object_kills_its_worker(row: Row, tmp_path: Path, redis_url: str) -> None:
+    """The worker process handling one object is killed every time it handles it (as a bug
+    that crashes the interpreter would): after ``INGEST_POISON_MAX_ATTEMPTS`` unfinished
+    attempts the next delivery quarantines it as ``poison``; the good ones are archived."""
+    from tests.processes import start_pipeline
+
+    row.scenario = "poison: a worker killed on one object each time"
+    max_attempts = 3
+    with start_pipeline(tmp_path, redis_url, poison_max_attempts=max_attempts) as pipeline:
+        poison = tmp_path / "poison.dcm"
+        make_instance(poison, pixel_bytes=32 * MB)  # long enough to be caught at it
+        good = instances(tmp_path / "in", 3)
+        worker = pipeline.processes["worker"].pid
+        spool = Spool(pipeline.settings.spool_dir)
+        assert pynetdicom_send(pipeline.port, [poison]) == [statuses.SUCCESS]
+        (rid,) = wait_for(lambda: [r for r in spool.receipt_ids()], 10, what="the entry")
+        kills = []
+        for attempt in range(1, max_attempts + 1):
+            with frozen_mid_task(worker, spool.root,
+                                 wanted=lambda a, n=attempt: a.get(rid) == n) as (pids, _):
+                handling = holders(pids[1:], spool.dcm_path(rid))
+                assert len(handling) == 1, f"attempt {attempt}: no one process handles it"
+                signal_all(handling, signal.SIGKILL)
+                kills.append(handling[0])
+            row.fault = f"{len(kills)} pool process(es) killed on it"
+        assert pynetdicom_send(pipeline.port, good) == [statuses.SUCCESS] * 3
+        row.sent, row.acked = 4, 4
+        count_into(row, pipeline, good)
+        (reason_file,) = wait_for(lambda: list((pipeline.archive / "quarantine").glob("*.json")),
+                                  60, what="the object quarantined")
+        assert_invariant(pipeline, good, quarantined=1)
+        reason = json.loads(reason_file.read_text())
+        row.fault += f", then quarantined as '{reason['reason']}'"
+        assert reason["reason"] == "poison", reason
+        assert reason["receipt"]["receipt_id"] == rid
+        assert key_of(poison) not in objects_under(pipeline.archive)
+        assert pipeline.processes["worker"].pid == worker and alive(worker)
+        assert pipeline.log("worker").count("quarantined receipt=") == 1
+
+
+def test_undecodable_object_is_quarantined_once(row: Row, pipeline: Pipeline,
+                                                tmp_path: Path) -> None:
+    """An object that can never be decoded is quarantined on its first attempt, and nothing
+    brings it back: no retry loop, no sweeper loop."""
+    from pydicom.uid import generate_uid
+
+    from tests.support import raw_part10
+
+    row.scenario = "undecodable object among good ones"
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(raw_part10("1.2.840.10008.5.1.4.1.1.2", generate_uid(),
+                               b"\x08\x00\x16\x00UI\xff\xff" + b"\xde\xad" * 1000))
+    good = instances(tmp_path / "in", 3)
+    sent = pynetdicom_send(pipeline.port, [bad, *good])
+    row.sent, row.acked = 4, sent.count(statuses.SUCCESS)
+    count_into(row, pipeline, good)
+    assert sent == [statuses.SUCCESS] * 4
+    row.fault = "quarantined at its first attempt"
+    # nothing to poll for: what must not happen is a second quarantine, by a later sweep
+    time.sleep(pipeline.settings.sweep_age + 2 * pipeline.settings.sweep_interval)
+    assert_invariant(pipeline, good, quarantined=1)
+    assert pipeline.log("worker").count("quarantined receipt=") == 1
+
+
+def test_s3_down_then_back(row: Row, tmp_path: Path, redis_url: str, s3_endpoint: str,
                            bucket: str) -> None:
     """The S3 service is unreachable while instances arrive: tasks retry with backoff, the
     spool keeps the data; once S3 answers, everything is archived."""
-    from tests.processes import start_pipeline
-    from tests.support import free_port
+    from minio import Minio
 
+    from tests.processes import start_pipeline
+
+    row.scenario = "S3 down, then back"
+    client = Minio(s3_endpoint.split("://")[1], access_key="test", secret_key="test",
+                   secure=False, region="us-east-1")
     proxy_port = free_port()
     proxy = TcpProxy(proxy_port, int(s3_endpoint.rsplit(":", 1)[1]))
     with start_pipeline(tmp_path, redis_url, archive_url=f"s3://{bucket}",
@@ -194,70 +304,23 @@ def test_s3_down_then_back(tmp_path: Path, redis_url: str, s3_endpoint: str,
                         s3_region="us-east-1") as pipeline:
         files = instances(tmp_path / "in", 10)
         stream = Stream(pipeline.port, files).start().wait()
+        row.sent, row.acked = len(stream.statuses), len(stream.acked)
+        row.keys = {key_of(p) for p in stream.acked}
+        row.listing = lambda: [o.object_name for o in client.list_objects(bucket, recursive=True)]
         assert len(stream.acked) == len(files)
-        time.sleep(1.0)  # let the first attempts fail against the closed port
+        wait_for(lambda: "transient failure" in pipeline.log("worker"), 60,
+                 what="a failed attempt against the closed port")
+        row.fault = "tasks failed transiently while it was down"
         assert len(list((pipeline.settings.spool_dir / "entries").glob("*.dcm"))) == 10
         proxy.start()
         try:
-            from minio import Minio
-
-            client = Minio(s3_endpoint.split("://")[1], access_key="test", secret_key="test",
-                           secure=False, region="us-east-1")
-            keys = {key_of(p) for p in files}
-            wait_for(lambda: keys <= {o.object_name for o in
-                                      client.list_objects(bucket, recursive=True)},
+            wait_for(lambda: row.keys <= {o.object_name for o in
+                                          client.list_objects(bucket, recursive=True)},
                      120, 0.5, "every instance in the bucket")
             wait_for(lambda: not list((pipeline.settings.spool_dir / "entries").iterdir()),
                      30, what="an empty spool")
-            assert "transient failure" in pipeline.log("worker")
-            RESULTS.append(("S3 down, then back", len(files), len(stream.acked), len(keys), 0,
-                            len(files) - len(stream.acked)))
         finally:
             proxy.stop()
-
-
-class TcpProxy:
-    """A loopback TCP forwarder we can turn on: the S3 service 'comes back'."""
-
-    def __init__(self, listen: int, target: int, delay: float = 0.0) -> None:
-        self.listen, self.target, self.delay = listen, target, delay
-        self.server: socket.socket | None = None
-        self.stopping = threading.Event()
-
-    def start(self) -> None:
-        self.server = socket.create_server(("127.0.0.1", self.listen))
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def stop(self) -> None:
-        self.stopping.set()
-        if self.server is not None:
-            self.server.close()
-
-    def _accept(self) -> None:
-        assert self.server is not None
-        while not self.stopping.is_set():
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target))
-            for a, b, delay in ((client, upstream, self.delay), (upstream, client, 0.0)):
-                threading.Thread(target=self._pipe, args=(a, b, delay), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket, delay: float) -> None:
-        try:
-            while data := src.recv(65536):
-                time.sleep(delay)  # a slow service: every request waits
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                sock.close()
-
 
 
 @contextlib.contextmanager
@@ -276,28 +339,36 @@ def small_filesystem(path: Path, size_mb: int) -> Iterator[Path]:
 
 
 @pytest.mark.parametrize("floor_mb", [0, 3])
-def test_spool_disk_full(tmp_path: Path, redis_url: str, floor_mb: int) -> None:
+def test_spool_disk_full(row: Row, tmp_path: Path, redis_url: str, floor_mb: int) -> None:
     """The spool's filesystem fills up (no floor) or reaches its floor: the sender hears a
-    refusal, never 0x0000 for what is not on disk; nothing half-written is archived; once
-    workers drain the spool, everything acked is archived and no temp file is left."""
+    refusal (0xA7xx), never 0x0000 for what is not on disk and never a dropped association;
+    nothing half-written is archived; once workers drain the spool, everything acked is
+    archived and no temp file is left."""
     from tests.processes import start_pipeline
 
+    row.scenario = f"spool disk full (floor {floor_mb} MB)"
     with small_filesystem(tmp_path / "small", 8) as small, start_pipeline(
         tmp_path, redis_url, spool_dir=small / "spool", spool_min_free_mb=floor_mb
     ) as pipeline:
+        receiver = pipeline.processes["receiver"].pid
         pipeline.stop("worker")  # nothing drains the spool: it must fill
         files = instances(tmp_path / "in", 30, size=512 * 1024)
         stream = Stream(pipeline.port, files, pause=0).start().wait()
-        refused = [p for p, s in stream.statuses.items() if s != statuses.SUCCESS]
+        row.sent, row.acked = len(stream.statuses), len(stream.acked)
+        count_into(row, pipeline, stream.acked)
+        refused = {p: s for p, s in stream.statuses.items() if s != statuses.SUCCESS}
+        row.fault = "refusals heard: " + (", ".join(
+            sorted({"none" if s is None else f"0x{s:04X}" for s in refused.values()})) or "-")
         assert refused, "the spool never filled"
-        acked = stream.acked
-        assert all(stream.statuses[p] in (statuses.OUT_OF_RESOURCES, None) for p in refused)
+        assert len(stream.statuses) == len(files), "the association ended before the last"
+        assert all(s is not None and 0xA700 <= s <= 0xA7FF for s in refused.values()), \
+            f"a refusal the sender did not hear as 0xA7xx: {sorted(set(refused.values()), key=str)}"
+        assert pipeline.processes["receiver"].pid == receiver and alive(receiver)
         pipeline.start("worker")
-        assert_invariant(pipeline, acked, scenario=f"spool disk full (floor {floor_mb} MB)",
-                         sent=len(stream.statuses))
+        assert_invariant(pipeline, stream.acked)
 
 
-def test_task_slower_than_visibility_timeout(tmp_path: Path, redis_url: str,
+def test_task_slower_than_visibility_timeout(row: Row, tmp_path: Path, redis_url: str,
                                              s3_endpoint: str, bucket: str) -> None:
     """Each archive takes longer than the broker's visibility timeout, so Redis hands the task
     to a second worker process while the first still runs it: still one object per instance
@@ -306,8 +377,8 @@ def test_task_slower_than_visibility_timeout(tmp_path: Path, redis_url: str,
     from minio.versioningconfig import ENABLED, VersioningConfig
 
     from tests.processes import start_pipeline
-    from tests.support import free_port
 
+    row.scenario = "task slower than the visibility timeout"
     client = Minio(s3_endpoint.split("://")[1], access_key="test", secret_key="test",
                    secure=False, region="us-east-1")
     client.set_bucket_versioning(bucket, VersioningConfig(ENABLED))
@@ -321,47 +392,32 @@ def test_task_slower_than_visibility_timeout(tmp_path: Path, redis_url: str,
                             visibility_timeout=2, sweep_age=600) as pipeline:
             files = instances(tmp_path / "in", 3)
             stream = Stream(pipeline.port, files).start().wait()
+            row.sent, row.acked = len(stream.statuses), len(stream.acked)
+            row.keys = {key_of(p) for p in stream.acked}
+            # every version counts: a second copy of an instance shows as one more
+            row.listing = lambda: [v.object_name for v in client.list_objects(
+                bucket, recursive=True, include_version=True)]
             assert len(stream.acked) == 3
-            keys = {key_of(p) for p in files}
             wait_for(lambda: not list((pipeline.settings.spool_dir / "entries").iterdir()),
                      120, 0.5, "an empty spool")
-            versions = [v for v in client.list_objects(bucket, recursive=True,
-                                                       include_version=True)]
-            assert sorted(v.object_name for v in versions) == sorted(keys)
+            versions = list(row.listing())
+            assert sorted(versions) == sorted(row.keys)
             log = pipeline.log("worker")
             assert "'busy'" in log or "'gone'" in log or "'already-archived'" in log, \
                 "no duplicate delivery happened: the scenario proved nothing"
-            RESULTS.append(("task slower than the visibility timeout", 3, 3, len(versions), 0,
-                            len(keys) - len(versions)))
+            row.fault = "a second delivery while the first ran"
     finally:
         proxy.stop()
 
 
-def test_poison_object_is_quarantined_once(pipeline: Pipeline, tmp_path: Path) -> None:
-    """An object that can never be decoded is quarantined on its first attempt, and nothing
-    brings it back: no retry loop, no sweeper loop."""
-    from pydicom.uid import generate_uid
-
-    from tests.support import pynetdicom_send, raw_part10
-
-    poison = tmp_path / "poison.dcm"
-    poison.write_bytes(raw_part10("1.2.840.10008.5.1.4.1.1.2", generate_uid(),
-                                  b"\x08\x00\x16\x00UI\xff\xff" + b"\xde\xad" * 1000))
-    good = instances(tmp_path / "in", 3)
-    assert pynetdicom_send(pipeline.port, [poison, *good]) == [statuses.SUCCESS] * 4
-    time.sleep(pipeline.settings.sweep_age + 2 * pipeline.settings.sweep_interval)
-    assert_invariant(pipeline, good, scenario="poison object among good ones", sent=4,
-                     quarantined=1, acked_count=4)
-    assert pipeline.log("worker").count("quarantined receipt=") == 1
-
-
-def test_same_instance_sent_twice(pipeline: Pipeline, tmp_path: Path) -> None:
+def test_same_instance_sent_twice(row: Row, pipeline: Pipeline, tmp_path: Path) -> None:
     """A modality resends a study (same SOP Instance UIDs, same bytes): one object each."""
-    from tests.support import pynetdicom_send
-
+    row.scenario = "same instances sent twice"
     files = instances(tmp_path / "in", 5)
-    assert pynetdicom_send(pipeline.port, files) == [statuses.SUCCESS] * 5
-    assert pynetdicom_send(pipeline.port, files) == [statuses.SUCCESS] * 5
-    assert_invariant(pipeline, files, scenario="same instances sent twice", sent=10,
-                     acked_count=10)
+    first, second = pynetdicom_send(pipeline.port, files), pynetdicom_send(pipeline.port, files)
+    row.sent, row.acked = 10, (first + second).count(statuses.SUCCESS)
+    count_into(row, pipeline, files)
+    assert first == second == [statuses.SUCCESS] * 5
+    assert_invariant(pipeline, files)
     assert len(objects_under(pipeline.archive)) == 5
+    row.fault = "each instance received twice"
