@@ -56,6 +56,7 @@ def test_worker_killed_mid_task(row: Row, pipeline: Pipeline, tmp_path: Path) ->
         signal_all(pids, signal.SIGKILL)
     worker.wait(10)
     row.fault = f"{len(unfinished)} task(s) under way at the kill"
+    assert unfinished, "no task was under way at the kill"
     stream.wait()
     row.sent, row.acked = len(stream.statuses), len(stream.acked)
     count_into(row, pipeline, stream.acked)
@@ -208,6 +209,7 @@ def test_worker_warm_shutdown_mid_task(row: Row, pipeline: Pipeline, tmp_path: P
         worker.send_signal(signal.SIGTERM)  # delivered as the worker goes on
     assert worker.wait(60) == 0, "the worker did not stop cleanly"
     row.fault = f"{len(unfinished)} task(s) under way at SIGTERM, finished before exit"
+    assert unfinished, "no task was under way at SIGTERM"
     stream.wait()
     row.sent, row.acked = len(stream.statuses), len(stream.acked)
     count_into(row, pipeline, stream.acked)
