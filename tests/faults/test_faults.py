@@ -54,8 +54,8 @@ def test_worker_killed_mid_task(row: Row, pipeline: Pipeline, tmp_path: Path) ->
     with frozen_mid_task(worker.pid, spool.root) as (pids, unfinished):
         under_way = {rid: spool.read_receipt(rid) for rid in unfinished}
         signal_all(pids, signal.SIGKILL)
-    worker.wait(10)
     row.fault = f"{len(unfinished)} task(s) under way at the kill"
+    worker.wait(10)
     assert unfinished, "no task was under way at the kill"
     stream.wait()
     row.sent, row.acked = len(stream.statuses), len(stream.acked)
@@ -207,8 +207,8 @@ def test_worker_warm_shutdown_mid_task(row: Row, pipeline: Pipeline, tmp_path: P
     spool = Spool(pipeline.settings.spool_dir)
     with frozen_mid_task(worker.pid, spool.root) as (_, unfinished):
         worker.send_signal(signal.SIGTERM)  # delivered as the worker goes on
+    row.fault = f"{len(unfinished)} task(s) under way at SIGTERM"
     assert worker.wait(60) == 0, "the worker did not stop cleanly"
-    row.fault = f"{len(unfinished)} task(s) under way at SIGTERM, finished before exit"
     assert unfinished, "no task was under way at SIGTERM"
     stream.wait()
     row.sent, row.acked = len(stream.statuses), len(stream.acked)
@@ -217,6 +217,7 @@ def test_worker_warm_shutdown_mid_task(row: Row, pipeline: Pipeline, tmp_path: P
     for rid in unfinished:
         assert not spool.dcm_path(rid).exists(), f"{rid} was left unfinished by the shutdown"
         assert f"archived receipt={rid}" in log
+    row.fault += ", finished before the worker exited"
     assert "warm shutdown" in log
     pipeline.start("worker", keep_log=True)
     assert len(stream.acked) == len(files)
