@@ -42,8 +42,22 @@ class Row:
     result: str = "?"
     keys: set[str] = field(default_factory=set)
     listing: Callable[[], Iterable[str]] | None = None
+    #: a sender to count from at the end, plus what was sent besides it (retries)
+    stream: Stream | None = None
+    also_sent: dict[Path, int | None] = field(default_factory=dict)
+
+    def watch(self, stream: Stream, pipeline: Pipeline) -> None:
+        """Count what ``stream`` heard (and :attr:`also_sent`) against ``pipeline``'s
+        directory archive when the test ends, however it ends."""
+        self.stream = stream
+        self.listing = lambda: objects_under(pipeline.archive)
 
     def tally(self) -> None:
+        if self.stream is not None:
+            heard = [*self.stream.statuses.items(), *self.also_sent.items()]
+            acked = [p for p, s in heard if s == statuses.SUCCESS]
+            self.sent, self.acked = len(heard), len(acked)
+            self.keys = {key_of(p) for p in acked}
         if self.listing is None:
             return
         listed = list(self.listing())
