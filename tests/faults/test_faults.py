@@ -13,6 +13,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -287,16 +288,13 @@ def test_undecodable_object_is_quarantined_once(row: Row, pipeline: Pipeline,
 
 
 def test_s3_down_then_back(row: Row, tmp_path: Path, redis_url: str, s3_endpoint: str,
-                           bucket: str) -> None:
+                           bucket: str, minio_client: Any) -> None:
     """The S3 service is unreachable while instances arrive: tasks retry with backoff, the
     spool keeps the data; once S3 answers, everything is archived."""
-    from minio import Minio
-
     from tests.processes import start_pipeline
 
     row.scenario = "S3 down, then back"
-    client = Minio(s3_endpoint.split("://")[1], access_key="test", secret_key="test",
-                   secure=False, region="us-east-1")
+    client = minio_client
     proxy_port = free_port()
     proxy = TcpProxy(proxy_port, int(s3_endpoint.rsplit(":", 1)[1]))
     with start_pipeline(tmp_path, redis_url, archive_url=f"s3://{bucket}",
@@ -370,18 +368,17 @@ def test_spool_disk_full(row: Row, tmp_path: Path, redis_url: str, floor_mb: int
 
 
 def test_task_slower_than_visibility_timeout(row: Row, tmp_path: Path, redis_url: str,
-                                             s3_endpoint: str, bucket: str) -> None:
+                                             s3_endpoint: str, bucket: str,
+                                             minio_client: Any) -> None:
     """Each archive takes longer than the broker's visibility timeout, so Redis hands the task
     to a second worker process while the first still runs it: still one object per instance
     (one version in a versioned bucket), nothing quarantined."""
-    from minio import Minio
     from minio.versioningconfig import ENABLED, VersioningConfig
 
     from tests.processes import start_pipeline
 
     row.scenario = "task slower than the visibility timeout"
-    client = Minio(s3_endpoint.split("://")[1], access_key="test", secret_key="test",
-                   secure=False, region="us-east-1")
+    client = minio_client
     client.set_bucket_versioning(bucket, VersioningConfig(ENABLED))
     proxy_port = free_port()
     proxy = TcpProxy(proxy_port, int(s3_endpoint.rsplit(":", 1)[1]), delay=1.5)
