@@ -69,10 +69,6 @@ class Settings:
     receiver_processes: int = 0
     receiver_index: int = 0  # set by the receiver for its extra processes
     receiver_fast_path: bool = True  # C-STOREs straight from the socket to the spool
-    #: spool files written with O_DIRECT where the filesystem allows (off: through the page
-    #: cache, whose writeback starts as the file grows; see README "Performance")
-    spool_direct_io: bool = False
-    spool_async_io: bool = True  # those direct writes submitted with Linux AIO, not waited for
     flower_port: int = 5555
     flower_basic_auth: str = field(default="", repr=False)  # user:password
 
@@ -243,10 +239,6 @@ def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Sett
         values["receiver_index"] = _int("RECEIVER_INDEX", v)
     if (v := get("RECEIVER_FAST_PATH")) is not None:
         values["receiver_fast_path"] = _bool("RECEIVER_FAST_PATH", v)
-    if (v := get("SPOOL_DIRECT_IO")) is not None:
-        values["spool_direct_io"] = _bool("SPOOL_DIRECT_IO", v)
-    if (v := get("SPOOL_ASYNC_IO")) is not None:
-        values["spool_async_io"] = _bool("SPOOL_ASYNC_IO", v)
     if (v := get("FLOWER_PORT")) is not None:
         values["flower_port"] = _int("FLOWER_PORT", v)
     if (v := get("FLOWER_BASIC_AUTH")) is not None:
@@ -302,8 +294,6 @@ def environment(settings: Settings) -> dict[str, str]:
         "RECEIVER_PROCESSES": str(settings.receiver_processes),
         "RECEIVER_INDEX": str(settings.receiver_index),
         "RECEIVER_FAST_PATH": str(settings.receiver_fast_path).lower(),
-        "SPOOL_DIRECT_IO": str(settings.spool_direct_io).lower(),
-        "SPOOL_ASYNC_IO": str(settings.spool_async_io).lower(),
         "FLOWER_PORT": str(settings.flower_port),
         "FLOWER_BASIC_AUTH": settings.flower_basic_auth,
     }

@@ -189,12 +189,9 @@ class _Store:
         self.meta_length = meta_length
 
     def received(self) -> Received:
-        # raises the first write error so far; the last direct write may still be in flight,
-        # and the commit waits for it right before its fsync
-        self.stream.finish(wait=False)
+        self.stream.finish()  # raises the first write error, if there was one
         return Received(Path(self.stream.name), self.stream.size,
-                        self.stream.crc.hexdigest(), self.meta_length, self.stream.fd,
-                        self.stream.wait)
+                        self.stream.crc.hexdigest(), self.meta_length, self.stream.fd)
 
     def discard(self) -> None:
         self.stream.close()
@@ -332,17 +329,8 @@ class FastPath:
         return data
 
     def _recv_into_stream(self, stream: SpoolTempFile, count: int) -> bool:
-        """Read ``count`` bytes of a dataset fragment into ``stream``: straight into its
-        staging buffer where it has one, else through the reused receive buffer."""
-        while count and stream.receives_directly:
-            try:
-                got = stream.receive(self.dul.sock, count)
-            except (OSError, TimeoutError, AttributeError):
-                got = 0
-            if not got:
-                self._peer_gone(count)
-                return False
-            count -= got
+        """Read ``count`` bytes of a dataset fragment into ``stream``, through the reused
+        receive buffer."""
         while count:
             view = self._recv(min(count, _SLICE))
             if view is None:

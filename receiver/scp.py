@@ -266,8 +266,7 @@ def start(settings: Settings, listen_fd: int | None = None,
     # Stream every incoming dataset to a temp file on the spool filesystem, so memory does not
     # grow with instance size and the finished file can be renamed into the spool.
     internals.configure(unrestricted_storage=settings.unknown_sop_classes == "accept")
-    new_stream = streams.Streams(spool, direct=settings.spool_direct_io,
-                                 asynchronous=settings.spool_async_io)
+    new_stream = streams.Streams(spool)
     streams.install(new_stream)
     metrics = ReceiverMetrics()
     app = make_celery(settings, "dicom-ingest-receiver")

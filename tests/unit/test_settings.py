@@ -57,11 +57,8 @@ def test_receiver_processes_from_the_environment_and_the_flag() -> None:
         build_parser().parse_args(["up", "--processes", "-1"])
 
 
-def test_spool_files_go_through_the_page_cache_unless_direct_io_is_asked_for() -> None:
-    assert from_env({}).spool_direct_io is False
-    assert from_env({"INGEST_SPOOL_DIRECT_IO": "true"}).spool_direct_io is True
-
-
-def test_async_spool_writes_can_be_turned_off() -> None:
-    assert from_env({}).spool_async_io is True
-    assert from_env({"INGEST_SPOOL_ASYNC_IO": "false"}).spool_async_io is False
+def test_direct_io_for_spool_files_is_gone() -> None:
+    """Spool files always go through the page cache; the old switches are not read."""
+    assert "INGEST_SPOOL_DIRECT_IO" not in known_variables()
+    assert "INGEST_SPOOL_ASYNC_IO" not in known_variables()
+    assert from_env({"INGEST_SPOOL_DIRECT_IO": "true"}) == from_env({})
