@@ -27,7 +27,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -339,8 +339,7 @@ class Spool:
     def receipt_path(self, receipt_id: str) -> Path:
         return self.entries / f"{check_receipt_id(receipt_id)}.json"
 
-    def commit(self, received_file: Path, receipt: Receipt, fd: int = -1,
-               before_sync: Callable[[], None] | None = None) -> None:
+    def commit(self, received_file: Path, receipt: Receipt, fd: int = -1) -> None:
         """Make one received file and its receipt durable under ``entries/``.
 
         ``received_file`` must live on the spool filesystem; its bytes need not be fsynced
@@ -351,13 +350,9 @@ class Spool:
         per instance. Where the receipt cannot be an attribute it is written to
         ``{receipt_id}.json`` and renamed in first (its contents are not fsynced:
         :meth:`read_receipt` rebuilds an empty one from the file).
-
-        ``before_sync``, when given, is called right before the fsync and raises if the file
-        is not whole: the receiver's writes still in flight end there, while the receipt
-        was being made and set.
         """
         encoded = receipt.encode()
-        in_xattr = self._seal(received_file, encoded, fd, before_sync)
+        in_xattr = self._seal(received_file, encoded, fd)
         dcm = self.dcm_path(receipt.receipt_id)
         receipt_file = self.receipt_path(receipt.receipt_id)
         try:
@@ -373,11 +368,9 @@ class Spool:
             raise
 
     @staticmethod
-    def _seal(path: Path, encoded: bytes, fd: int = -1,
-              before_sync: Callable[[], None] | None = None) -> bool:
+    def _seal(path: Path, encoded: bytes, fd: int = -1) -> bool:
         """Put the receipt on the file as an attribute and fsync it; False when the
-        attribute could not be set (the file is fsynced all the same). ``before_sync``: see
-        :meth:`commit`."""
+        attribute could not be set (the file is fsynced all the same)."""
         opened = fd < 0
         if opened:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -389,8 +382,6 @@ class Spool:
                 if exc.errno not in _RECEIPT_NOT_IN_XATTR:
                     raise
                 in_xattr = False
-            if before_sync is not None:
-                before_sync()
             os.fsync(fd)
         finally:
             if opened:

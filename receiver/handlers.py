@@ -59,9 +59,6 @@ class Received(NamedTuple):
     crc32: str  # of the whole file, as :func:`ingest.spool.crc32_hex` spells it
     dataset_offset: int
     fd: int = -1  # the file still open, for the commit's fsync; -1: the commit opens it
-    #: ends the writes still in flight and raises if one failed; the commit calls it right
-    #: before its fsync (None: nothing in flight)
-    wait: Callable[[], None] | None = None
 
 
 class SpoolFull(Exception):
@@ -125,7 +122,7 @@ def store(ctx: StoreContext, arrival: Arrival,
         refusal = ctx.gate.refusal()
         if refusal is not None:
             raise SpoolFull(refusal)
-        path, size, crc32, offset, fd, wait = received()
+        path, size, crc32, offset, fd = received()
         receipt = Receipt(
             receipt_id=new_receipt_id(),
             calling_aet=arrival.calling,
@@ -140,7 +137,7 @@ def store(ctx: StoreContext, arrival: Arrival,
             sha256="",  # the worker takes it as it checks the file against the CRC
             crc32=crc32,
         )
-        ctx.spool.commit(path, receipt, fd, wait)
+        ctx.spool.commit(path, receipt, fd)
         ctx.gate.stored()
     except SpoolFull as exc:
         log.warning("C-STORE status=0xA700 calling=%s sop=%.80s: %s", arrival.calling,

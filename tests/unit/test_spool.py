@@ -68,13 +68,10 @@ def test_failed_receipt_write_leaves_no_entry(spool: Spool, tmp_path: Path) -> N
     assert os.listdir(spool.entries) == []
 
 
-def test_the_commit_waits_for_the_file_before_its_fsync(spool: Spool, tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch
-                                                        ) -> None:
-    """The whole commit in order: the receipt set on the file, ``before_sync`` (the
-    receiver's writes still in flight) ended, the file fsynced, renamed into ``entries/``,
-    and ``entries/`` fsynced; when ``before_sync`` raises (a write failed), no entry
-    appears."""
+def test_the_commit_in_order(spool: Spool, tmp_path: Path,
+                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole commit in order: the receipt set on the file, the file fsynced, renamed
+    into ``entries/``, and ``entries/`` fsynced."""
     make_instance(tmp_path / "a.dcm")
     data = (tmp_path / "a.dcm").read_bytes()
     receipt = spool_entry(spool, data)
@@ -101,24 +98,12 @@ def test_the_commit_waits_for_the_file_before_its_fsync(spool: Spool, tmp_path: 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "rename", rename)
 
-    def waited() -> None:
-        calls.append("wait")
-
     received = tmp_path / "incoming.dcm"
     received.write_bytes(data)
-    spool.commit(received, receipt, before_sync=waited)
-    assert calls == [f"set {RECEIPT_XATTR}", "wait", "fsync the file", "rename into entries/",
+    spool.commit(received, receipt)
+    assert calls == [f"set {RECEIPT_XATTR}", "fsync the file", "rename into entries/",
                      "fsync entries/"]
     assert spool.read_receipt(receipt.receipt_id) == receipt
-    spool.remove(receipt.receipt_id)
-
-    def failed() -> None:
-        raise OSError(5, "a direct write failed")
-
-    received.write_bytes(data)
-    with pytest.raises(OSError, match="a direct write failed"):
-        spool.commit(received, receipt, before_sync=failed)
-    assert os.listdir(spool.entries) == []
 
 
 def test_claim_is_exclusive(spool: Spool, tmp_path: Path) -> None:
