@@ -19,9 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
-import pynetdicom.dimse_messages
-
 from ingest.spool import Crc32, Spool, TempFile, create_temp
+from receiver import internals
 
 WRITEBACK_STEP = 256 * 1024
 _SYNC_FILE_RANGE_WRITE = 2
@@ -160,6 +159,6 @@ class Streams:
 
 
 def install(streams: Streams) -> None:
-    """Make pynetdicom stream incoming datasets into the files ``streams`` makes (a module
-    attribute, set once at the receiver's entry, like pynetdicom's ``_config``)."""
-    setattr(pynetdicom.dimse_messages, "NamedTemporaryFile", streams)  # noqa: B010
+    """Make pynetdicom stream incoming datasets into the files ``streams`` makes (once, at
+    the receiver's entry, like pynetdicom's ``_config``)."""
+    internals.replace_temporary_files(streams)
