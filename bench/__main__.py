@@ -92,11 +92,10 @@ def settle(folder: Path, size: int) -> None:
     """Prepare the machine for a timed run that writes about ``size`` bytes under ``folder``.
 
     1. Recycle page-cache memory: write a file of ``size`` bytes (plus a tenth), fsync it and
-       delete it. On a VM whose host backs guest memory only when the guest first touches it
-       (this one), a write into page-cache pages the guest has never used cost 1.2 ms per
-       512 KB here, into recycled ones 0.12 ms. DCMTK and Orthanc write every instance
-       through the page cache, so without this their rate depended on what the machine had
-       done before the run (DCMTK over four associations: 850 to 1600/s within one bench).
+       delete it. On a VM whose host backs guest memory only when the guest first touches it,
+       a write into page-cache pages the guest has never used costs several times one into
+       recycled pages. DCMTK and Orthanc write every instance through the page cache, so
+       without this their rate would depend on what the machine had done before the run.
        On a server that has run for a while every page-cache page is a recycled one: this
        is the state the bench measures, for every receiver alike.
     2. Write every dirty page out. DCMTK and Orthanc leave what they received in the page
@@ -391,12 +390,9 @@ def turns(servers: list[T], round_index: int) -> list[T]:
     """The order in which the receivers take their turns in round ``round_index`` (from 0):
     the rows of a Williams design, a Latin square balanced for what ran just before. Over as
     many rounds as there are receivers (twice as many when that number is odd) each one runs
-    once in each place, and right after each of the others equally often. On this VM the run
-    right after DCMTK's was the slowest of its round: four copies of our receiver taking
-    turns behind DCMTK in a fixed order, the one right after it made 460/s against 536 to
-    589/s (one association); taking turns in a rotating order, the same four came out at 513
-    to 535/s. Most likely the host was still writing back what DCMTK had written. A plain
-    rotation would have left the same receiver right after DCMTK in every round."""
+    once in each place, and right after each of the others equally often: the run right after
+    a receiver that leaves its writes in the page cache (DCMTK) is slowed while the host
+    writes them back, and a plain rotation would put the same receiver there every round."""
     n = len(servers)
     if n == 0:
         return []

@@ -101,11 +101,9 @@ def receiver_processes(settings: Settings) -> int:
     """How many receiver processes serve the port: the setting, or when it is 0 one per
     usable core, at most :data:`DEFAULT_MAX_PROCESSES`.
 
-    Each process has one GIL for all its associations. On two cores, over four parallel
-    associations of 512 KB instances, two processes took in 26 % more than one (886 against
-    704/s, medians of four rounds taking turns); over one association they made the same.
-    More processes than cores made no more (README, Performance). Beyond four cores it is
-    not measured: set the number."""
+    Each process has one GIL for all its associations, so parallel associations need more
+    than one process to use more than one core; more processes than cores gain nothing
+    (``docs/performance.md``). Beyond four cores, set the number."""
     return settings.receiver_processes or min(usable_cores(), DEFAULT_MAX_PROCESSES)
 
 

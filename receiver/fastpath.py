@@ -4,7 +4,7 @@ pynetdicom receives a C-STORE through several layers: the DUL thread decodes eac
 PDU into objects and queues it, the association thread polls the queue, reassembles the
 command set and decodes it with pydicom, builds and encodes a File Meta with pydicom, calls
 our handler, then encodes the response with pydicom and queues it back to the DUL thread to
-send. Profiling showed that work, not the bytes, bounding the receiver (see DESIGN.md).
+send. That work, not the bytes, bounds the receiver.
 
 Here the DUL thread itself handles the P-DATA-TF PDUs of an established association
 (``Sta6``): it reads each PDU into one reused buffer, walks its PDVs, parses the command set

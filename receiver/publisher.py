@@ -7,9 +7,9 @@ enqueues them as Celery tasks and writes back a line for each id it could not en
 Why a process: publishing costs CPU, and on a thread of the receiver it holds the GIL just
 when the next instance arrives. In the child it runs on another core.
 
-Why not Celery's ``send_task`` in the child: it cost about 0.6 ms of CPU per task (building
-the message through Celery's and kombu's layers, one Redis round trip each), which on two
-busy cores is taken from the associations. The child writes the very message Celery would
+Why not Celery's ``send_task`` in the child: it builds each message through Celery's and
+kombu's layers with one Redis round trip each, CPU that busy cores take from the
+associations (``docs/performance.md``). The child writes the very message Celery would
 write (task protocol 2 in kombu's Redis envelope: one JSON document per task, LPUSHed onto the
 queue's list) itself, for all the ids it has read at once, in one LPUSH.
 ``tests/integration/test_pipeline.py`` compares it with what Celery writes, field by field,

@@ -61,9 +61,9 @@ TRANSFER_SYNTAXES = [ts for ts in ALL_TRANSFER_SYNTAXES if ts not in _UNCOMPRESS
 
 class SharedContexts(list):  # type: ignore[type-arg]
     """The server's supported presentation contexts. pynetdicom deep-copies them for every
-    association it accepts, though negotiation only reads them: 171 SOP classes in 45
-    transfer syntaxes took 69 ms to copy here, on every association. A deep copy of this
-    list is a new list of the same (unchanged) context objects."""
+    association it accepts, though negotiation only reads them, and copying every storage
+    SOP class in every transfer syntax is slow. A deep copy of this list is a new list of
+    the same (unchanged) context objects."""
 
     def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
         return list(self)
@@ -91,9 +91,8 @@ class SharedSocketServer(ThreadedAssociationServer):
     (``INGEST_RECEIVER_PROCESSES``). Every process waits for connections on it; the first
     to accept one serves it. A process that holds connections open already accepts a little
     later (1 ms per connection, at most 10 ms), so new associations go to the least busy
-    process. (With SO_REUSEPORT, used before, the kernel picked a process by a hash of the
-    addresses: four associations split 2 to 2 over two processes only 3 times in 8.)
-    ``listen_fd`` is set by :func:`shared_server_class`."""
+    process (SO_REUSEPORT would let the kernel pick one by a hash of the addresses, however
+    busy). ``listen_fd`` is set by :func:`shared_server_class`."""
 
     listen_fd = -1
     _accepted: list[socket.socket]  # by this process, open or closed since (acceptor thread)
@@ -355,9 +354,9 @@ def run(settings: Settings) -> int:
         shared_fd = listen_fd
 
         def start_others() -> None:
-            # once this process is built (its AE alone took 0.2 s of CPU here): the others
-            # serve as soon as they are ready, and this one must not then still be starting,
-            # taking CPU from them and no connections for a while (the first ones went 3:1)
+            # once this process is built: the others serve as soon as they are ready, and
+            # this one must not then still be starting, taking CPU from them and no
+            # connections for a while
             extra.extend(_start_others(settings, shared_fd, processes))
 
     try:

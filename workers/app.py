@@ -30,9 +30,7 @@ def default_concurrency() -> int:
 
     A task waits for about a third of its time (its fsyncs, Redis, the pool's messages to
     and from its process), and each process takes one task at a time (prefetch 1), so one
-    process per core leaves the cores idle in those waits. Measured on two cores with a
-    sender streaming 512 KB instances: two processes archived 0.84x of the receive rate and
-    left the machine 44 % busy; three or four archived 0.96x (README, Performance)."""
+    process per core leaves the cores idle in those waits (``docs/performance.md``)."""
     return PROCESSES_PER_CORE * usable_cores()
 
 

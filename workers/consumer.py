@@ -2,8 +2,8 @@
 
 Celery buffers task events and flushes them at the next turn of its event loop, so with one
 task at a time per process nearly every event (received, started, succeeded: three a task)
-goes out in a Redis PUBLISH of its own, which cost the worker's main process about 1 ms of
-CPU per task here. This consumer flushes at most every :data:`EVENTS_INTERVAL` seconds, one
+goes out in a Redis PUBLISH of its own, a noticeable share of the worker's main process's
+CPU per task. This consumer flushes at most every :data:`EVENTS_INTERVAL` seconds, one
 PUBLISH for all the events of that time (Celery's ``task.multi``, which Flower reads like
 single events). Celery flushes on its own when the buffer holds 24 events; this consumer
 flushes once more as the worker stops, before Celery closes the dispatcher (which would drop
