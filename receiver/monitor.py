@@ -2,11 +2,12 @@
 C-STORE path (depth and age are counted on a thread; free space is one statvfs call).
 
 Counting lists the spool's ``entries/``, which takes longer the larger the backlog (with a
-backlog of a million entries, workers stopped or storage down for hours, a count takes about
-a second), and every receiver process counts. So the count waits at least ``took / COUNT_SHARE`` after a count that took ``took`` seconds: the
-monitor spends at most that share of its time listing the directory, however large the
-backlog, and the receiver keeps pace when a backlog grows. The age of the oldest entry is
-computed from its receive time when it is asked for, so it does not go stale in between."""
+backlog of a million entries, workers stopped or storage down for hours, a count takes about a
+second), and every receiver process counts. So the count waits at least ``took / COUNT_SHARE``
+after a count that took ``took`` seconds: the monitor spends at most that share of its time
+listing the directory, however large the backlog, and the receiver keeps pace when a backlog
+grows. The age of the oldest entry is computed from its receive time when it is asked for, so it
+does not go stale in between."""
 
 from __future__ import annotations
 
