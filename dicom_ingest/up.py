@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ingest.embedded import EmbeddedRedis
-from ingest.settings import Settings, environment, receiver_processes
+from ingest.settings import Settings, environment
 from ingest.stopsignals import StopSignals
 
 log = logging.getLogger("dicom_ingest.up")
@@ -24,15 +24,10 @@ def _child(role: str, env: dict[str, str], *args: str) -> subprocess.Popen[bytes
 
 def metrics_port_clash(settings: Settings) -> str | None:
     """Why the receiver's and the workers' metrics ports would collide on this one machine,
-    or None: receiver process N serves its metrics on INGEST_METRICS_PORT+N-1."""
-    if not settings.metrics_port or not settings.worker_metrics_port:
-        return None
-    processes = receiver_processes(settings)
-    last = settings.metrics_port + processes - 1
-    if settings.metrics_port <= settings.worker_metrics_port <= last:
-        return (f"INGEST_WORKER_METRICS_PORT={settings.worker_metrics_port} is one of the "
-                f"receiver's metrics ports ({settings.metrics_port} to {last}: one per "
-                f"receiver process, {processes} here); give the workers a port outside them")
+    or None."""
+    if settings.metrics_port and settings.metrics_port == settings.worker_metrics_port:
+        return (f"INGEST_WORKER_METRICS_PORT and INGEST_METRICS_PORT are both "
+                f"{settings.metrics_port}; give the workers another port")
     return None
 
 

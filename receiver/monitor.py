@@ -7,7 +7,7 @@ second), and every receiver process counts. So the count waits at least ``took /
 after a count that took ``took`` seconds: the monitor spends at most that share of its time
 listing the directory, however large the backlog, and the receiver keeps pace when a backlog
 grows. The age of the oldest entry is computed from its receive time when it is asked for, so it
-does not go stale in between."""
+does not go stale in between; the metrics' gauges (``report``) have it as of each count."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Callable
 
 from ingest.spool import Spool
 
@@ -33,8 +34,10 @@ class SpoolMonitor:
     """Counts the spool every ``interval`` seconds and answers :meth:`refusal` from that."""
 
     def __init__(self, spool: Spool, min_free_bytes: int = 0, max_depth: int = 0,
-                 max_age: float = 0.0, interval: float = 1.0) -> None:
+                 max_age: float = 0.0, interval: float = 1.0,
+                 report: Callable[[int, float], None] | None = None) -> None:
         self.spool = spool
+        self.report = report  # called with depth and oldest age after each count
         self.min_free_bytes, self.max_depth, self.max_age = min_free_bytes, max_depth, max_age
         self.interval = interval
         self.depth = 0
@@ -52,6 +55,8 @@ class SpoolMonitor:
 
     def refresh(self) -> None:
         self.depth, self.oldest_at = self.spool.census()
+        if self.report is not None:
+            self.report(self.depth, self.oldest_age)
 
     @property
     def oldest_age(self) -> float:

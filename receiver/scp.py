@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pynetdicom
@@ -35,6 +36,7 @@ from pynetdicom import (
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from ingest import metrics as summed_metrics
 from ingest.broker import make_celery, publish, queue_length
 from ingest.messages import queue_for
 from ingest.settings import Settings, environment, receiver_processes, redact_url
@@ -278,10 +280,8 @@ def start(settings: Settings, listen_fd: int | None = None,
     if settings.receiver_index == 0:  # one sweeper per spool is enough
         sweeper.start()
     monitor = SpoolMonitor(spool, settings.spool_min_free_mb * 2**20, settings.spool_max_depth,
-                           settings.spool_max_age)
+                           settings.spool_max_age, report=metrics.spool_counted)
     monitor.start()
-    metrics.spool_depth.set_function(lambda: monitor.depth)
-    metrics.spool_oldest.set_function(lambda: monitor.oldest_age)
     context = StoreContext(spool=spool, enqueuer=publisher, gate=monitor, metrics=metrics,
                            new_stream=new_stream)
     associations = AssociationContext(settings, metrics)
@@ -308,33 +308,27 @@ def start(settings: Settings, listen_fd: int | None = None,
         server = ae.start_server((settings.host, settings.port), block=False,
                                  evt_handlers=handlers, ssl_context=tls_context(settings))
     server.contexts = SharedContexts(server.contexts)
-    processes = receiver_processes(settings)
-    if settings.metrics_port:
-        # the first process's port sums every process's metrics (receiver.metrics.Combined)
-        peers = (range(settings.metrics_port + 1, settings.metrics_port + processes)
-                 if settings.receiver_index == 0 else range(0))
-        port = settings.metrics_port + settings.receiver_index
-        try:
-            metrics.serve(port, peers=peers)
-        except OSError as exc:
-            if settings.receiver_index == 0:  # the documented port: fail where it shows
-                raise
-            log.error("receiver process %d: cannot serve its metrics on port %d "
-                      "(INGEST_METRICS_PORT+%d): %s. It takes C-STOREs all the same; the "
-                      "first process's metrics port leaves its share out",
-                      settings.receiver_index + 1, port, settings.receiver_index, exc)
     receiver = Receiver(settings, server, publisher, sweeper, monitor, metrics, spool)
     log.info("receiver %s listening on %s:%d%s (process %d of %d), spool %s, broker %s",
              settings.ae_title, settings.host, receiver.port,
              " (TLS)" if settings.tls_cert else "", settings.receiver_index + 1,
-             processes, settings.spool_dir, redact_url(settings.redis_url))
+             receiver_processes(settings), settings.spool_dir, redact_url(settings.redis_url))
     return receiver
 
 
 def run(settings: Settings) -> int:
     """Serve until SIGTERM or SIGINT, then stop cleanly. With more than one receiver process
     (:func:`receiver_processes`), open the listening socket, start the others on it (see
-    :class:`SharedSocketServer`) and stop them too."""
+    :class:`SharedSocketServer`) and stop them too. With a metrics port, the first process
+    serves there the metrics of all of them, summed (:func:`ingest.metrics.summed`)."""
+    # first: nothing here has imported prometheus_client yet (the extra processes are given
+    # the directory in their environment)
+    port = settings.metrics_port if settings.receiver_index == 0 else 0
+    with summed_metrics.summed(port) as metrics_dir:
+        return _run(settings, metrics_dir)
+
+
+def _run(settings: Settings, metrics_dir: Path | None) -> int:
     stop = StopSignals().install()  # a handler that only sets a flag: see StopSignals
     # kill -USR1: every thread's stack on stderr, for a receiver that seems stuck
     faulthandler.register(signal.SIGUSR1, all_threads=True)
@@ -357,7 +351,7 @@ def run(settings: Settings) -> int:
             # once this process is built: the others serve as soon as they are ready, and
             # this one must not then still be starting, taking CPU from them and no
             # connections for a while
-            extra.extend(_start_others(settings, shared_fd, processes))
+            extra.extend(_start_others(settings, shared_fd, processes, metrics_dir))
 
     try:
         receiver = start(settings, listen_fd, before_serving=start_others)
@@ -373,11 +367,18 @@ def run(settings: Settings) -> int:
     # An extra process serves only while the first one runs: if that one dies (SIGKILL, the
     # OOM killer), a restarted receiver must find the port free, not held by orphans.
     first = os.getppid() if settings.receiver_index > 0 else None
+    running = list(extra)
     while not stop.wait(0.5):  # waking now and then to look for the first process
         if first is not None and os.getppid() != first:
             log.warning("receiver %d: the first receiver process is gone; stopping",
                         settings.receiver_index)
             break
+        for proc in [proc for proc in running if proc.poll() is not None]:
+            running.remove(proc)
+            log.error("receiver: an extra receiver process exited (%s); serving without it",
+                      proc.returncode)
+            if metrics_dir is not None:
+                summed_metrics.process_gone(metrics_dir, proc.pid)
     if stop.requested:
         log.info("receiver: %s, stopping", stop.name)
     for proc in extra:
@@ -396,16 +397,19 @@ def run(settings: Settings) -> int:
     return 0
 
 
-def _start_others(settings: Settings, listen_fd: int,
-                  processes: int) -> list[subprocess.Popen[bytes]]:
+def _start_others(settings: Settings, listen_fd: int, processes: int,
+                  metrics_dir: Path | None) -> list[subprocess.Popen[bytes]]:
     """Start the extra receiver processes on ``listen_fd`` and wait until each serves it
     (or has failed): connections wait in the socket's backlog meanwhile, and then the first
-    ones are spread over all the processes instead of going to the first process up."""
+    ones are spread over all the processes instead of going to the first process up. With
+    ``metrics_dir``, they write their metrics there, for the first process to sum."""
     ready_r, ready_w = os.pipe()
     procs = []
+    metrics_env = {} if metrics_dir is None else {summed_metrics.ENV: str(metrics_dir)}
     try:
         for index in range(1, processes):
             env = (dict(os.environ) | environment(settings.replace(receiver_index=index))
+                   | metrics_env
                    | {LISTEN_FD_ENV: str(listen_fd), READY_FD_ENV: str(ready_w)})
             procs.append(subprocess.Popen([sys.executable, "-m", "receiver"],
                                           env=env, stdin=subprocess.DEVNULL,

@@ -12,11 +12,12 @@ from celery import Celery, bootsteps
 from celery.worker import state
 from kombu import Queue  # type: ignore[attr-defined]
 
+from ingest import metrics
 from ingest.broker import archive_queue, make_celery
 from ingest.messages import QUEUE
 from ingest.settings import Settings, usable_cores
 from ingest.stopsignals import STOP_SIGNALS, ignore_stop_signals
-from workers import metrics, tasks
+from workers import tasks
 from workers.pipeline import Pipeline
 
 log = logging.getLogger("dicom_ingest.worker")
@@ -77,25 +78,21 @@ def run(settings: Settings, extra_args: list[str] | None = None) -> int:
     """Run a worker in this process (prefork pool); SIGTERM or SIGINT, any number of them,
     is a warm shutdown (see :class:`WarmStopSignals`)."""
     Pipeline.from_settings(settings).spool.ensure()
-    metrics_dir = None
-    if settings.worker_metrics_port:
-        metrics_dir = metrics.prepare()  # before any prometheus_client import
-        metrics.serve(settings.worker_metrics_port, metrics_dir)
-    app = create_app(settings)
-    app.steps["worker"].add(WarmStopSignals)
-    argv = [
-        "worker",
-        "-n",
-        f"dicom-ingest-{os.getpid()}@%h",
-        f"--loglevel={settings.log_level}",
-        "--without-mingle",
-        "--without-gossip",
-        "-E",
-    ]
-    try:
-        app.worker_main(argv + list(extra_args or []))
-    finally:
-        ignore_stop_signals()  # stopped: a late signal must not end the exit with -SIGTERM
-        if metrics_dir is not None:
-            metrics.cleanup(metrics_dir)
+    # before anything imports prometheus_client
+    with metrics.summed(settings.worker_metrics_port):
+        app = create_app(settings)
+        app.steps["worker"].add(WarmStopSignals)
+        argv = [
+            "worker",
+            "-n",
+            f"dicom-ingest-{os.getpid()}@%h",
+            f"--loglevel={settings.log_level}",
+            "--without-mingle",
+            "--without-gossip",
+            "-E",
+        ]
+        try:
+            app.worker_main(argv + list(extra_args or []))
+        finally:
+            ignore_stop_signals()  # stopped: a late signal must not end the exit with -SIGTERM
     return 0

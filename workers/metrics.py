@@ -1,40 +1,13 @@
-"""The workers' Prometheus metrics, correct under Celery's prefork pool.
-
-prometheus_client's multiprocess mode keeps each pool process's values in files under
-``PROMETHEUS_MULTIPROC_DIR``; the worker's main process serves their sum. The directory must
-be set before prometheus_client is imported, so :func:`prepare` runs first in ``worker``.
+"""The workers' Prometheus metrics, correct under Celery's prefork pool: each pool process
+writes its values to the directory of :func:`ingest.metrics.summed`, which the worker's main
+process serves summed. Created on first use, after that directory is set.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Any
 
-ENV = "PROMETHEUS_MULTIPROC_DIR"
 _metrics: dict[str, Any] = {}
-
-
-def prepare() -> Path:
-    """A fresh directory for this worker's per-process metric files (before any import)."""
-    path = Path(tempfile.mkdtemp(prefix="dicom-ingest-metrics-"))
-    os.environ[ENV] = str(path)  # read by prometheus_client, in this process and the pool
-    return path
-
-
-def serve(port: int, directory: Path, host: str = "0.0.0.0") -> None:
-    from prometheus_client import CollectorRegistry, start_http_server
-    from prometheus_client.multiprocess import MultiProcessCollector
-
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
-    start_http_server(port, addr=host, registry=registry)
-
-
-def cleanup(directory: Path) -> None:
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 def get() -> dict[str, Any]:

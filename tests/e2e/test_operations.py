@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import signal
-import socket
 import ssl
 import subprocess
 import urllib.error
@@ -253,21 +253,6 @@ def test_flower_sees_worker_and_tasks(tmp_path: Path, redis_url: str) -> None:
             log.close()
 
 
-def _metrics_port(avoid: int, hold: socket.socket) -> int:
-    """A free port whose next one ``hold`` is bound to (the second receiver process's
-    metrics port), neither of them ``avoid`` (the DICOM port)."""
-    for _ in range(50):
-        rport = free_port()
-        if avoid in (rport, rport + 1):
-            continue
-        try:
-            hold.bind(("0.0.0.0", rport + 1))
-        except OSError:
-            continue
-        return rport
-    raise AssertionError("no free pair of ports in 50 tries")
-
-
 def _both_listening(pipeline: Any) -> None:
     wait_for(lambda: pipeline.log("receiver").count("listening on") == 2, 30,
              what="both receiver processes listening")
@@ -284,53 +269,71 @@ def _over_four_associations(pipeline: Any, port: int, tmp_path: Path, count: int
              what=f"{count} archived")
 
 
-def test_several_receiver_processes_share_the_port(tmp_path: Path, redis_url: str) -> None:
+def _extra_receiver(pipeline: Any) -> int:
+    """The pid of the one extra receiver process (the first one's publisher is not one)."""
+    extra = subprocess.run(["pgrep", "-P", str(pipeline.processes["receiver"].pid),
+                            "-f", "--", "-m receiver$"], capture_output=True, text=True)
+    [pid] = extra.stdout.split()
+    return int(pid)
+
+
+def _own_cstores(directory: Path, pid: int) -> float:
+    """The C-STOREs one receiver process counted, read from its own file in the metrics
+    directory (the port serves only their sum)."""
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    families = MultiProcessCollector.merge([str(directory / f"counter_{pid}.db")])
+    return sum(s.value for f in families for s in f.samples
+               if s.name == "dicom_ingest_cstore_total")
+
+
+def test_several_receiver_processes_share_the_port(tmp_path: Path, redis_url: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """INGEST_RECEIVER_PROCESSES=2: two processes on one listening socket; parallel
     associations are all served and archived, the first process's metrics port counts the
-    C-STOREs of both, and SIGTERM stops both."""
-    port = free_port()
-    with socket.socket() as probe:  # bound only to find a free pair, closed at once
-        rport = _metrics_port(port, probe)
+    C-STOREs of both, and SIGTERM stops both, the metrics directory removed."""
+    port, rport = free_port(), free_port()
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # where the metrics directory goes
     with start_pipeline(tmp_path, redis_url, port=port, receiver_processes=2,
                         metrics_port=rport) as pipeline:
         _both_listening(pipeline)
         _over_four_associations(pipeline, port, tmp_path, 24)
-        both, second = scrape(rport), scrape(rport + 1)  # the second port: its own share
+        both = scrape(rport)
         ok = {"status": "0x0000", "calling_aet": "FAULTS"}
         assert value(both, "dicom_ingest_receiver_processes") == 2
         assert value(both, "dicom_ingest_cstore_total", **ok) == 24
         assert value(both, "dicom_ingest_ack_seconds_count") == 24
-        # the second process took a share, and the first port's sum includes it
-        assert 0 < value(second, "dicom_ingest_cstore_total", **ok) < 24
-        children = subprocess.run(["pgrep", "-P", str(pipeline.processes["receiver"].pid),
-                                   "-f", "--", "-m receiver$"],
-                                  capture_output=True, text=True).stdout.split()
-        assert len(children) == 1  # the extra receiver (beside the publisher process)
+        # the second process took a share, and the port's sum includes it
+        [directory] = (tmp_path / "tmp").glob("dicom-ingest-metrics-*")
+        assert 0 < _own_cstores(directory, _extra_receiver(pipeline)) < 24
         assert pipeline.stop("receiver") == 0
         assert not port_open(port)
         log = pipeline.log("receiver")  # both processes write to it
         assert log.count("receiver stopped") == 2, log[-3000:]
         assert "Traceback" not in log, log[-3000:]
+        assert not directory.exists()
 
 
-def test_an_extra_process_whose_metrics_port_is_taken_still_takes_c_stores(
-        tmp_path: Path, redis_url: str) -> None:
-    """Another program holds the second receiver process's metrics port: that process says
-    so and serves DICOM all the same, and the first port counts the processes that
-    answered (one)."""
-    port = free_port()
-    squatter = socket.socket()
-    rport = _metrics_port(port, squatter)
-    squatter.listen()
-    try:
-        with start_pipeline(tmp_path, redis_url, port=port, receiver_processes=2,
-                            metrics_port=rport) as pipeline:
-            _both_listening(pipeline)
-            assert "cannot serve its metrics on port" in pipeline.log("receiver")
-            _over_four_associations(pipeline, port, tmp_path, 8)
-            assert value(scrape(rport), "dicom_ingest_receiver_processes") == 1
-    finally:
-        squatter.close()
+def test_an_extra_process_that_dies_leaves_the_count(tmp_path: Path, redis_url: str) -> None:
+    """The extra receiver process killed: the first one says so and serves on, the count of
+    processes drops to one, and what the dead one counted still counts."""
+    port, rport = free_port(), free_port()
+    with start_pipeline(tmp_path, redis_url, port=port, receiver_processes=2,
+                        metrics_port=rport) as pipeline:
+        _both_listening(pipeline)
+        _over_four_associations(pipeline, port, tmp_path, 8)
+        os.kill(_extra_receiver(pipeline), signal.SIGKILL)
+        wait_for(lambda: value(scrape(rport), "dicom_ingest_receiver_processes") == 1, 30,
+                 what="one receiver process counted")
+        assert "an extra receiver process exited" in pipeline.log("receiver")
+        files = instances(tmp_path / "more", 2)
+        assert pynetdicom_send(port, files) == [statuses.SUCCESS] * 2
+        ok = {"status": "0x0000"}
+        assert value(scrape(rport), "dicom_ingest_cstore_total", calling_aet="FAULTS",
+                     **ok) == 8
+        assert value(scrape(rport), "dicom_ingest_cstore_total", calling_aet="PYNETDICOM",
+                     **ok) == 2
 
 
 def _exited(pid: int) -> bool:

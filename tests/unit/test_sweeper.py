@@ -77,9 +77,11 @@ def test_monitor_refuses_past_depth_and_age(spool: Spool, tmp_path: Path) -> Non
     entry(spool, tmp_path)
     monitor.refresh()
     assert "depth 3" in (monitor.refusal() or "")
-    aged = SpoolMonitor(spool, max_age=60)
+    counts: list[tuple[int, float]] = []  # what the metrics' gauges are set to
+    aged = SpoolMonitor(spool, max_age=60, report=lambda *count: counts.append(count))
     aged.refresh()
     assert aged.refusal() is None
+    assert len(counts) == 1 and counts[0][0] == 3 and 0 <= counts[0][1] < 60
     assert aged.oldest_at is not None and 0 <= aged.oldest_age < 60
     aged.oldest_at -= 120  # as if the backlog's oldest entry had waited two minutes
     assert "oldest spool entry" in (aged.refusal() or "")
