@@ -373,7 +373,8 @@ def _run(settings: Settings, metrics_dir: Path | None) -> int:
             log.warning("receiver %d: the first receiver process is gone; stopping",
                         settings.receiver_index)
             break
-        for proc in [proc for proc in running if proc.poll() is not None]:
+        # an extra process that exited on its own (not one a signal to the group stopped)
+        for proc in [p for p in running if p.poll() is not None and not stop.requested]:
             running.remove(proc)
             log.error("receiver: an extra receiver process exited (%s); serving without it",
                       proc.returncode)

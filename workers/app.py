@@ -12,9 +12,9 @@ from celery import Celery, bootsteps
 from celery.worker import state
 from kombu import Queue  # type: ignore[attr-defined]
 
-from ingest import metrics
 from ingest.broker import archive_queue, make_celery
 from ingest.messages import QUEUE
+from ingest.metrics import summed
 from ingest.settings import Settings, usable_cores
 from ingest.stopsignals import STOP_SIGNALS, ignore_stop_signals
 from workers import tasks
@@ -79,7 +79,7 @@ def run(settings: Settings, extra_args: list[str] | None = None) -> int:
     is a warm shutdown (see :class:`WarmStopSignals`)."""
     Pipeline.from_settings(settings).spool.ensure()
     # before anything imports prometheus_client
-    with metrics.summed(settings.worker_metrics_port):
+    with summed(settings.worker_metrics_port):
         app = create_app(settings)
         app.steps["worker"].add(WarmStopSignals)
         argv = [
