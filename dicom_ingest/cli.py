@@ -35,6 +35,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _catalog(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--catalog", dest="catalog_url",
+        help="postgresql://USER:PASS@HOST:PORT/DB or sqlite:///PATH (INGEST_CATALOG_URL, "
+        "default ./data/catalog.sqlite)")
+
+
 def _count(raw: str) -> int:
     try:
         value = int(raw)
@@ -77,11 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="worker processes (INGEST_WORKER_CONCURRENCY, default: two per core)",
     )
+    _catalog(up)
     up.add_argument(
         "--data",
         type=Path,
         default=Path("./data"),
-        help="where the embedded Redis keeps its data (default ./data)",
+        help="where the embedded Redis and the default catalog keep their data (default ./data)",
     )
     up.add_argument("--flower", action="store_true", help="also run Flower on 127.0.0.1 "
                     "(INGEST_FLOWER_PORT, default 5555; login INGEST_FLOWER_BASIC_AUTH, or one "
@@ -98,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="run a Celery worker that archives spool entries")
     _common(worker)
+    _catalog(worker)
     worker.add_argument(
         "--concurrency",
         dest="worker_concurrency",
@@ -141,7 +150,54 @@ def build_parser() -> argparse.ArgumentParser:
     _common(qreplay)
     qreplay.add_argument("ids", nargs="*", metavar="ID", help="receipt ids to replay")
     qreplay.add_argument("--all", action="store_true", help="replay every quarantined object")
+    _catalog(qreplay)
+
+    find = sub.add_parser("find", help="list the catalog's archived and quarantined "
+                          "instances, oldest first")
+    find.add_argument("--study", help="Study Instance UID")
+    find.add_argument("--series", help="Series Instance UID")
+    find.add_argument("--sop", help="SOP Instance UID")
+    find.add_argument("--calling-aet", help="the sender's AE title")
+    find.add_argument("--since", type=since, help="received at or after: an ISO date or "
+                      "date and time (UTC unless it says otherwise), or a duration ago such as "
+                      "90s, 30m, 2h, 7d")
+    find.add_argument("--limit", type=_count, help="at most this many rows")
+    find.add_argument("--json", action="store_true", help="print JSON lines")
+    _catalog(find)
+
+    catalog = sub.add_parser("catalog", help="maintain the catalog")
+    csub = catalog.add_subparsers(dest="action", required=True, metavar="ACTION")
+    rebuild = csub.add_parser("rebuild", help="rebuild the catalog from the archive's keys "
+                              "and object metadata (catches up a catalog that was lost or is "
+                              "behind)")
+    _common(rebuild)
+    _catalog(rebuild)
     return parser
+
+
+_DURATION = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def since(raw: str, now: float | None = None) -> float:
+    """``--since``: seconds since the epoch, from an ISO date (time) or a duration ago."""
+    import datetime
+    import re
+    import time
+
+    text = raw.strip()
+    duration = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhdw])", text.lower())
+    if duration:
+        ago = float(duration.group(1)) * _DURATION[duration.group(2)]
+        return (time.time() if now is None else now) - ago
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{raw!r}: expected an ISO date or time (2025-03-01, 2025-03-01T08:00) or a "
+            "duration (90s, 30m, 2h, 7d)") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return when.timestamp()
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -155,6 +211,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "worker_concurrency",
         "receiver_processes",
         "sweep_age",
+        "catalog_url",
     )
     overrides: dict[str, Any] = {n: getattr(args, n, None) for n in names}
     if overrides.get("redis_url"):
@@ -214,6 +271,16 @@ def main(argv: list[str] | None = None) -> int:
             print("dicom-ingest: name receipt ids to replay, or --all", file=sys.stderr)
             return 2
         return tools.quarantine_replay(settings, args.ids, replay_all=args.all)
+    if command == "find":
+        from dicom_ingest import tools
+
+        return tools.find(settings, as_json=args.json, limit=args.limit, study=args.study,
+                          series=args.series, sop=args.sop, calling_aet=args.calling_aet,
+                          since=args.since)
+    if command == "catalog":
+        from dicom_ingest import tools
+
+        return tools.catalog_rebuild(settings)
     raise AssertionError(command)
 
 

@@ -1,14 +1,18 @@
-"""Operator commands: sweep, echo, status, quarantine list and replay. They use both sides (the
-receiver's sweep pass, the workers' archive and quarantine), as only this layer may."""
+"""Operator commands: sweep, echo, status, quarantine list and replay, find and catalog rebuild.
+They use both sides (the receiver's sweep pass, the workers' archive and quarantine), as only
+this layer may."""
 
 from __future__ import annotations
 
 import json
 import sys
 import time
+from dataclasses import asdict
 from typing import Any
 
 from ingest.broker import archive_queue, make_celery, publish, queue_length
+from ingest.catalog import Catalog, CatalogError, catalog_url
+from ingest.keys import quarantine_keys
 from ingest.scu import associate
 from ingest.settings import Settings, redact_url
 from ingest.spool import Spool
@@ -148,12 +152,80 @@ def quarantine_replay(settings: Settings, ids: list[str], replay_all: bool) -> i
     queue = archive_queue(settings)
     targets = [r.receipt_id for r in records(archive, prefix)] if replay_all else ids
     failed = 0
+    replayed: list[str] = []
     for receipt_id in targets:
         try:
             replay(archive, prefix, spool, receipt_id, lambda rid: publish(app, queue, rid))
+            replayed.append(quarantine_keys(prefix, receipt_id)[0])
             print(f"replayed {receipt_id}")
         except Exception as exc:  # a bad id, a missing record, the broker down after the
             failed += 1              # spool write (then the sweeper enqueues it): say, go on
             print(f"dicom-ingest: {receipt_id}: {exc}", file=sys.stderr)
     print(f"{len(targets) - failed} replayed, {failed} failed")
+    if replayed:  # their quarantine copies are gone: so are their rows
+        try:
+            catalog = Catalog.open(catalog_url(settings))
+            try:
+                catalog.remove(replayed)
+            finally:
+                catalog.close()
+        except CatalogError as exc:
+            print(f"dicom-ingest: {exc}; the catalog still lists the replayed objects as "
+                  "quarantined until `dicom-ingest catalog rebuild`", file=sys.stderr)
     return 1 if failed else 0
+
+
+def find(settings: Settings, as_json: bool, limit: int | None = None,
+         **filters: Any) -> int:
+    """List catalog rows (``filters``: those of :meth:`Catalog.find`)."""
+    try:
+        catalog = Catalog.open(catalog_url(settings))
+        try:
+            rows = catalog.find(limit=limit, **filters)
+        finally:
+            catalog.close()
+    except CatalogError as exc:
+        print(f"dicom-ingest: {exc}", file=sys.stderr)
+        return 1
+    if as_json:
+        for r in rows:
+            print(json.dumps(asdict(r)))
+        return 0
+    if not rows:
+        print("no instances found")
+        return 0
+    print(f"{'received (UTC)':20} {'state':11} {'sender':16} {'bytes':>10}  "
+          f"{'SOP Instance UID':64} key")
+    for r in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.received_at))
+        print(f"{when:20} {r.state:11} {r.calling_aet:16} {r.size:10d}  "
+              f"{r.sop_instance_uid[:64]:64} {r.key}" + (f" ({r.reason})" if r.reason else ""))
+    print(f"{len(rows)} found")
+    return 0
+
+
+def catalog_rebuild(settings: Settings) -> int:
+    """Rebuild the catalog from the archive, with a progress bar on stderr."""
+    from tqdm import tqdm
+
+    from workers.archive import open_archive
+    from workers.errors import TransientError
+    from workers.inventory import rebuild
+
+    archive, prefix = open_archive(settings)
+    try:
+        catalog = Catalog.open(catalog_url(settings))
+    except CatalogError as exc:
+        print(f"dicom-ingest: {exc}", file=sys.stderr)
+        return 1
+    try:
+        done = rebuild(archive, prefix, catalog, lambda keys: tqdm(
+            keys, desc="catalog rebuild", unit="key", file=sys.stderr, mininterval=0.5))
+    except (CatalogError, TransientError) as exc:
+        print(f"dicom-ingest: {exc}; run the rebuild again when it is back", file=sys.stderr)
+        return 1
+    finally:
+        catalog.close()
+    print(f"catalog rebuilt from {archive.description}: {done.recorded} rows written, "
+          f"{done.removed} removed, {done.skipped} keys left out")
+    return 0

@@ -44,6 +44,9 @@ def run(settings: Settings, data_dir: Path, flower: bool = False) -> int:
         redis.start()
         settings = settings.replace(redis_url=redis.url)
         log.info("embedded redis-server on %s (data in %s)", redis.url, data_dir / "redis")
+    if not settings.catalog_url:  # the default catalog lives with the rest of up's data
+        settings = settings.replace(
+            catalog_url=f"sqlite:///{(data_dir / 'catalog.sqlite').resolve()}")
     env = dict(os.environ) | environment(settings)
     stop = StopSignals().install()  # a handler that only sets a flag: see StopSignals
     roles: list[tuple[str, tuple[str, ...]]] = [("receiver", ()), ("worker", ())]

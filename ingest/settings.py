@@ -16,6 +16,8 @@ DUPLICATE_POLICIES = ("reject", "overwrite", "version")
 UNKNOWN_SOP_CLASSES = ("accept", "reject")
 _SPOOL_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 LOG_FORMATS = ("text", "json")
+#: the catalog's URL schemes (``postgresql://`` goes to the psycopg 3 driver)
+CATALOG_SCHEMES = ("sqlite", "postgresql", "postgres", "postgresql+psycopg")
 
 
 class SettingsError(ValueError):
@@ -71,6 +73,9 @@ class Settings:
     receiver_fast_path: bool = True  # C-STOREs straight from the socket to the spool
     flower_port: int = 5555
     flower_basic_auth: str = field(default="", repr=False)  # user:password
+    #: postgresql://USER:PASS@HOST:PORT/DB or sqlite:///PATH; "": SQLite at
+    #: ./data/catalog.sqlite (:func:`ingest.catalog.catalog_url`)
+    catalog_url: str = field(default="", repr=False)
 
     @property
     def entries_dir(self) -> Path:
@@ -148,6 +153,14 @@ def _ae_title(name: str, raw: str) -> str:
     if not 1 <= len(value) <= 16 or not value.isascii() or "\\" in value:
         raise SettingsError(f"{PREFIX}{name}={raw!r}: an AE title is 1 to 16 ASCII characters")
     return value
+
+
+def _catalog_url(raw: str) -> str:
+    scheme, sep, _ = raw.partition("://")
+    if not sep or scheme.lower() not in CATALOG_SCHEMES:
+        raise SettingsError(f"{PREFIX}CATALOG_URL={redact_url(raw)!r}: expected "
+                            "postgresql://USER:PASS@HOST:PORT/DB or sqlite:///PATH")
+    return raw
 
 
 def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -243,7 +256,11 @@ def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Sett
         if ":" not in v:
             raise SettingsError(f"{PREFIX}FLOWER_BASIC_AUTH: expected user:password")
         values["flower_basic_auth"] = v
+    if (v := get("CATALOG_URL")) is not None:
+        values["catalog_url"] = v
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if values.get("catalog_url"):
+        _catalog_url(values["catalog_url"])
     if bool(values.get("tls_cert")) != bool(values.get("tls_key")):
         raise SettingsError(f"{PREFIX}TLS_CERT and {PREFIX}TLS_KEY go together")
     if values.get("tls_ca") and not values.get("tls_cert"):
@@ -294,6 +311,7 @@ def environment(settings: Settings) -> dict[str, str]:
         "RECEIVER_FAST_PATH": str(settings.receiver_fast_path).lower(),
         "FLOWER_PORT": str(settings.flower_port),
         "FLOWER_BASIC_AUTH": settings.flower_basic_auth,
+        "CATALOG_URL": settings.catalog_url,
     }
     return {PREFIX + k: v for k, v in env.items()}
 

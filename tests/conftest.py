@@ -102,6 +102,7 @@ def settings(tmp_path: Path) -> Settings:
         s3_access_key="test",
         s3_secret_key="test",
         s3_region="us-east-1",
+        catalog_url=f"sqlite:///{tmp_path / 'catalog.sqlite'}",
     )
 
 

@@ -89,6 +89,8 @@ def start_pipeline(tmp_path: Path, redis_url: str, **overrides: Any) -> Iterator
         # one receiver process, whatever the machine's cores: the fault tests kill "the"
         # receiver; tests of several processes ask for them
         receiver_processes=1,
+        # the default catalog would be ./data/catalog.sqlite, beside the tests
+        catalog_url=f"sqlite:///{tmp_path / 'catalog.sqlite'}",
     )
     settings = Settings(**(values | overrides))
     env = dict(os.environ) | environment(settings)

@@ -16,8 +16,8 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol, TypeVar
 from urllib.parse import urlparse
@@ -74,6 +74,10 @@ class StoredObject:
     sha256: str
     version_id: str | None = None
     calling_aet: str = ""  # the sender of the archived copy, where its metadata says
+    #: from :meth:`Archive.head`: the object's metadata by short name (``sha256``,
+    #: ``calling-aet``, ...), and when the store last changed it (seconds since the epoch)
+    metadata: Mapping[str, str] = field(default_factory=dict, compare=False)
+    modified: float | None = None
 
 
 class Archive(Protocol):
@@ -81,7 +85,10 @@ class Archive(Protocol):
 
     description: str
 
-    def head(self, key: str) -> StoredObject | None: ...
+    def head(self, key: str) -> StoredObject | None:
+        """Size, sha256 and metadata of the object under ``key`` as the store describes it;
+        None when there is no such object."""
+        ...
 
     def read_back(self, key: str) -> StoredObject | None:
         """Size and sha256 of the bytes the store returns for ``key`` now (not of the
@@ -131,7 +138,7 @@ def open_archive(settings: Settings) -> tuple[Archive, str]:
     return LocalArchive(Path(url)), ""
 
 
-def _safe_header(value: str) -> str:
+def safe_header(value: str) -> str:
     """Object metadata travels as HTTP headers: printable ASCII only."""
     return "".join(c if " " <= c <= "~" else "?" for c in value)[:256]
 
@@ -154,19 +161,30 @@ class LocalArchive:
     def head(self, key: str) -> StoredObject | None:
         path = self._path(key)
         try:
-            size = path.stat().st_size
+            stat = path.stat()
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise _local_error(exc, f"cannot stat {path}") from exc
-        sha, calling = "", ""
-        with contextlib.suppress(OSError):
-            sha = os.getxattr(path, self.XATTR + "sha256").decode()
-        with contextlib.suppress(OSError):
-            calling = os.getxattr(path, self.XATTR + "calling-aet").decode()
-        if not sha:
-            sha = file_digest(path)[1]
-        return StoredObject(key, size, sha, calling_aet=calling)
+        metadata = self._metadata(path)
+        sha = metadata.get("sha256", "") or file_digest(path)[1]
+        # ctime: the file got its name here (a hard link keeps the spool file's mtime)
+        return StoredObject(key, stat.st_size, sha, calling_aet=metadata.get("calling-aet", ""),
+                            metadata=metadata, modified=stat.st_ctime)
+
+    def _metadata(self, path: Path) -> dict[str, str]:
+        """The ``user.dicom_ingest.*`` attributes of ``path`` by short name (none where the
+        filesystem has no user attributes)."""
+        found: dict[str, str] = {}
+        try:
+            names = os.listxattr(path)
+        except OSError:
+            return found
+        for name in names:
+            if name.startswith(self.XATTR):
+                with contextlib.suppress(OSError, UnicodeDecodeError):
+                    found[name[len(self.XATTR):]] = os.getxattr(path, name).decode()
+        return found
 
     def read_back(self, key: str) -> StoredObject | None:
         try:
@@ -262,7 +280,7 @@ class LocalArchive:
                 os.fchmod(fd, _FILE_MODE)  # a linked spool file: as a copy would be
                 for name, value in metadata.items():
                     with contextlib.suppress(OSError):  # no xattrs: head() hashes instead
-                        os.setxattr(fd, self.XATTR + name, _safe_header(value).encode())
+                        os.setxattr(fd, self.XATTR + name, safe_header(value).encode())
                 os.fsync(fd)  # data, attributes, link count
             finally:
                 os.close(fd)
@@ -368,10 +386,12 @@ class S3Archive:
             if exc.code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
                 return None
             raise
-        metadata = {k.lower(): v for k, v in (stat.metadata or {}).items()}
+        metadata = {k.lower()[len(META_PREFIX):]: v for k, v in (stat.metadata or {}).items()
+                    if k.lower().startswith(META_PREFIX)}
+        modified = stat.last_modified.timestamp() if stat.last_modified else None
         return StoredObject(
-            key, int(stat.size or 0), metadata.get(META_PREFIX + "sha256", ""), stat.version_id,
-            metadata.get(META_PREFIX + "calling-aet", ""),
+            key, int(stat.size or 0), metadata.get("sha256", ""), stat.version_id,
+            metadata.get("calling-aet", ""), metadata=metadata, modified=modified,
         )
 
     def read_back(self, key: str) -> StoredObject | None:
@@ -394,7 +414,7 @@ class S3Archive:
         self, key: str, path: Path, size: int, sha256: str, metadata: dict[str, str]
     ) -> StoredObject:
         headers: dict[str, str | list[str] | tuple[str]] = {
-            name: _safe_header(value) for name, value in metadata.items()
+            name: safe_header(value) for name, value in metadata.items()
         }
         headers["sha256"] = sha256
         with self._errors(f"PUT {key}"), open(path, "rb") as fh:

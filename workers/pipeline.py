@@ -1,4 +1,5 @@
-"""The worker's pipeline, plain Python: validate, name, archive, verify, then free the spool."""
+"""The worker's pipeline, plain Python: validate, name, archive, verify, catalogue, then free
+the spool."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from ingest.catalog import catalog_url
 from ingest.keys import instance_key, quarantine_keys
 from ingest.settings import Settings
 from ingest.spool import Receipt, Spool, file_digest
 from workers import errors
-from workers.archive import Archive, StoredObject, open_archive
+from workers.archive import Archive, StoredObject, open_archive, safe_header
 from workers.errors import PermanentError, TransientError
 from workers.identity import dataset_identity
+from workers.inventory import CatalogLink, format_time, instance_row, quarantine_row
 from workers.validate import Instance, inspect
 
 log = logging.getLogger("dicom_ingest.worker")
@@ -38,12 +41,15 @@ class Pipeline:
     max_attempts: int = 5
     #: told of every finished entry: (outcome, receipt, quarantine reason or None)
     observer: Callable[[Outcome, Receipt, str | None], None] | None = None
+    #: where a row for each archived and quarantined object goes (None: nowhere)
+    catalog: CatalogLink | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Pipeline:
+        """The pipeline ``settings`` describe; the catalog opens at its first use."""
         archive, prefix = open_archive(settings)
         return cls(Spool(settings.spool_dir), archive, prefix, settings.duplicate_policy,
-                   settings.poison_max_attempts)
+                   settings.poison_max_attempts, catalog=CatalogLink(catalog_url(settings)))
 
     def process(self, receipt_id: str) -> Outcome:
         """Handle one spool entry. Idempotent; raises TransientError when storage is down."""
@@ -84,16 +90,23 @@ class Pipeline:
         if existing is not None:
             target = self._duplicate(key, existing, receipt, sha256)
             if target is None:
+                # no row yet: an earlier attempt archived it and then found the catalog down,
+                # or it was archived before the catalog existed
+                if self.catalog is not None and not self.catalog.has(key):
+                    self._catalogue(existing)
                 return Outcome.ALREADY_ARCHIVED
             key = target
+        metadata = _metadata(receipt)
         stored = self.archive.put_file(
             key,
             self.spool.dcm_path(receipt.receipt_id),
             receipt.size,
             sha256,
-            _metadata(receipt),
+            metadata,
         )
         _verify(stored, receipt.size, sha256)
+        self._catalogue(StoredObject(key, stored.size, sha256,
+                                     metadata=metadata | {"sha256": sha256}))
         log.info(
             "archived receipt=%s sop=%s calling=%s key=%s bytes=%d",
             receipt.receipt_id,
@@ -103,6 +116,13 @@ class Pipeline:
             stored.size,
         )
         return Outcome.ARCHIVED
+
+    def _catalogue(self, stored: StoredObject) -> None:
+        """The catalog row of the instance archived as ``stored`` (its key and metadata)."""
+        row = instance_row(stored, self.prefix)
+        if self.catalog is None or row is None:
+            return
+        self.catalog.record(row)
 
     def _duplicate(self, key: str, existing: StoredObject, receipt: Receipt,
                    sha256: str) -> str | None:
@@ -172,6 +192,8 @@ class Pipeline:
         self.archive.put_bytes(
             reason_key, json.dumps(reason, indent=2).encode(), "application/json"
         )
+        if self.catalog is not None:
+            self.catalog.record(quarantine_row(data_key, size, sha256, reason))
         log.warning(
             "quarantined receipt=%s sop=%s calling=%s reason=%s: %s",
             receipt.receipt_id,
@@ -183,13 +205,16 @@ class Pipeline:
 
 
 def _metadata(receipt: Receipt) -> dict[str, str]:
-    return {
+    """The object metadata of an archived (or quarantined) object, as the store keeps it."""
+    metadata = {
         "calling-aet": receipt.calling_aet,
-        "received-at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(receipt.received_at)),
+        "received-at": format_time(receipt.received_at),
         "transfer-syntax": receipt.transfer_syntax,
         "receipt-id": receipt.receipt_id,
         "sop-class-uid": receipt.sop_class_uid,
+        "archived-at": format_time(time.time()),
     }
+    return {name: safe_header(value) for name, value in metadata.items()}
 
 
 def _verify(stored: StoredObject, size: int, sha256: str) -> None:

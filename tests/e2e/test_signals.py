@@ -75,6 +75,7 @@ def _pipeline(log_dir: Path, redis_url: str, **overrides: object) -> Pipeline:
         host="127.0.0.1", port=free_port(), spool_dir=log_dir / "spool",
         archive_url=str(log_dir / "archive"), redis_url=redis_url, spool_min_free_mb=0,
         sweep_interval=1, sweep_age=3, worker_concurrency=2, shutdown_timeout=10.0,
+        catalog_url=f"sqlite:///{log_dir / 'catalog.sqlite'}",
     )
     settings = Settings(**(values | overrides))  # type: ignore[arg-type]
     env = dict(os.environ) | environment(settings) | {"PYTHONWARNINGS": "ignore"}

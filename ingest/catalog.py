@@ -1,0 +1,257 @@
+"""The catalog: one SQL row per archived or quarantined object, an index of the archive that
+can be rebuilt from it (``dicom-ingest catalog rebuild``).
+
+SQLAlchemy Core on SQLite (the default, a file) or PostgreSQL (``postgresql://``, through
+psycopg 3). The schema is Alembic's (``ingest/migrations/``): :meth:`Catalog.open` creates or
+upgrades it. The database's own errors surface as they are, except that a database which
+cannot be reached or refuses us is a :class:`CatalogError` (the workers retry on it)."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+
+from ingest.settings import Settings, redact_url
+
+ARCHIVED, QUARANTINED = "archived", "quarantined"
+#: where the catalog lives when INGEST_CATALOG_URL is unset (relative to the working directory)
+DEFAULT_PATH = Path("data") / "catalog.sqlite"
+#: seconds a SQLite writer waits for another process's write to end
+SQLITE_BUSY_TIMEOUT = 30
+#: how many UIDs or keys go into one IN (...)
+_CHUNK = 500
+
+metadata = sa.MetaData()
+#: the one table; its schema is made by the Alembic revisions, this is how the code sees it
+instances = sa.Table(
+    "instances",
+    metadata,
+    sa.Column("key", sa.String, primary_key=True),
+    sa.Column("sop_instance_uid", sa.String, nullable=False, index=True),
+    sa.Column("sop_class_uid", sa.String, nullable=False),
+    sa.Column("study_uid", sa.String, nullable=False, index=True),
+    sa.Column("series_uid", sa.String, nullable=False, index=True),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("sha256", sa.String, nullable=False),
+    sa.Column("transfer_syntax", sa.String, nullable=False),
+    sa.Column("calling_aet", sa.String, nullable=False, index=True),
+    sa.Column("receipt_id", sa.String, nullable=False),
+    sa.Column("received_at", sa.Float, nullable=False, index=True),
+    sa.Column("archived_at", sa.Float, nullable=True),
+    sa.Column("state", sa.String, nullable=False),
+    sa.Column("reason", sa.String, nullable=True),
+)
+
+
+class CatalogError(Exception):
+    """The database cannot be reached or refused us."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One object in the archive: an instance under its key, or a quarantined object (then
+    ``study_uid`` and ``series_uid`` may be empty and ``reason`` says why)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+    key: str
+    size: int
+    sha256: str
+    transfer_syntax: str
+    calling_aet: str
+    receipt_id: str
+    received_at: float
+    archived_at: float | None
+    state: str
+    reason: str | None = None
+
+
+_FIELDS = tuple(f.name for f in fields(Row))
+
+
+def catalog_url(settings: Settings) -> str:
+    """INGEST_CATALOG_URL, or the default SQLite file's URL."""
+    return settings.catalog_url or f"sqlite:///{DEFAULT_PATH}"
+
+
+def engine_url(url: str) -> sa.URL:
+    """``url`` as SQLAlchemy needs it: ``postgresql://`` (and ``postgres://``) through
+    psycopg 3."""
+    parsed = sa.make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+@contextlib.contextmanager
+def _unreachable(url: str, what: str) -> Iterator[None]:
+    """Translate a database that is down, gone away or refusing us into CatalogError."""
+    try:
+        yield
+    except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
+        raise CatalogError(f"catalog {redact_url(url)}: {what} failed: {exc.orig}") from exc
+    except sa_exc.DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise CatalogError(f"catalog {redact_url(url)}: {what} failed: {exc.orig}") from exc
+        raise
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL: readers never block the writer; several worker processes write one at a time
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT * 1000}")
+    cursor.close()
+
+
+class Catalog:
+    """The catalog's rows, read and written through one engine (open one per process)."""
+
+    def __init__(self, engine: sa.Engine, url: str) -> None:
+        self.engine = engine
+        self.url = url
+
+    @classmethod
+    def open(cls, url: str) -> Catalog:
+        """Connect and create or upgrade the schema; CatalogError when unreachable."""
+        target = engine_url(url)
+        if target.get_backend_name() == "sqlite":
+            if target.database and target.database != ":memory:":
+                Path(target.database).parent.mkdir(parents=True, exist_ok=True)
+            engine = sa.create_engine(target, connect_args={"timeout": SQLITE_BUSY_TIMEOUT})
+            sa.event.listen(engine, "connect", _sqlite_pragmas)
+        else:
+            engine = sa.create_engine(target, pool_pre_ping=True, pool_size=2,
+                                      connect_args={"connect_timeout": 5})
+        catalog = cls(engine, url)
+        try:
+            with _unreachable(url, "opening"):
+                catalog._upgrade()
+        except BaseException:
+            engine.dispose()
+            raise
+        return catalog
+
+    def _upgrade(self) -> None:
+        from ingest.migrations import upgrade
+
+        if self.engine.dialect.name == "sqlite":
+            database = self.engine.url.database
+            lock = Path(f"{database}.lock") if database and database != ":memory:" else None
+            with _file_lock(lock), self.engine.begin() as connection:
+                upgrade(connection)
+        else:
+            with self.engine.begin() as connection:
+                # one process migrates at a time; the others then find the schema current
+                connection.execute(sa.text("SELECT pg_advisory_xact_lock(74657)"))
+                upgrade(connection)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def record(self, row: Row) -> None:
+        """Insert ``row``, or replace the row of its key."""
+        self.record_many([row])
+
+    def record_many(self, rows: Sequence[Row]) -> None:
+        """:meth:`record` for each of ``rows``, in one transaction."""
+        if not rows:
+            return
+        values = [{name: getattr(row, name) for name in _FIELDS} for row in rows]
+        if self.engine.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            statement: Any = pg_insert(instances)
+        else:
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+            statement = sqlite_insert(instances)
+        statement = statement.on_conflict_do_update(
+            index_elements=[instances.c.key],
+            set_={name: statement.excluded[name] for name in _FIELDS if name != "key"})
+        with _unreachable(self.url, "writing"), self.engine.begin() as connection:
+            connection.execute(statement, values)
+
+    def get(self, key: str) -> Row | None:
+        """The row of ``key``, if there is one."""
+        with _unreachable(self.url, "reading"), self.engine.connect() as connection:
+            found = connection.execute(
+                sa.select(instances).where(instances.c.key == key)).first()
+        return None if found is None else _row(found)
+
+    def by_sop(self, sop_instance_uids: Iterable[str]) -> dict[str, list[Row]]:
+        """Every row of each given SOP Instance UID that has one (more than one: a versioned
+        copy, or a quarantined object beside the archived one)."""
+        uids = sorted(set(sop_instance_uids))
+        found: dict[str, list[Row]] = {}
+        with _unreachable(self.url, "reading"), self.engine.connect() as connection:
+            for start in range(0, len(uids), _CHUNK):
+                query = (sa.select(instances)
+                         .where(instances.c.sop_instance_uid.in_(uids[start:start + _CHUNK]))
+                         .order_by(instances.c.received_at, instances.c.key))
+                for raw in connection.execute(query):
+                    row = _row(raw)
+                    found.setdefault(row.sop_instance_uid, []).append(row)
+        return found
+
+    def find(self, study: str | None = None, series: str | None = None, sop: str | None = None,
+             calling_aet: str | None = None, since: float | None = None,
+             limit: int | None = None) -> list[Row]:
+        """Rows matching every filter given (``since``: received at or after, in seconds
+        since the epoch), oldest first."""
+        query = sa.select(instances)
+        for column, value in ((instances.c.study_uid, study), (instances.c.series_uid, series),
+                              (instances.c.sop_instance_uid, sop),
+                              (instances.c.calling_aet, calling_aet)):
+            if value is not None:
+                query = query.where(column == value)
+        if since is not None:
+            query = query.where(instances.c.received_at >= since)
+        query = query.order_by(instances.c.received_at, instances.c.key)
+        if limit is not None:
+            query = query.limit(limit)
+        with _unreachable(self.url, "reading"), self.engine.connect() as connection:
+            return [_row(raw) for raw in connection.execute(query)]
+
+    def keys(self) -> set[str]:
+        """The key of every row."""
+        with _unreachable(self.url, "reading"), self.engine.connect() as connection:
+            return set(connection.execute(sa.select(instances.c.key)).scalars())
+
+    def remove(self, keys: Iterable[str]) -> int:
+        """Delete the rows of ``keys``; how many there were."""
+        wanted = sorted(set(keys))
+        removed = 0
+        with _unreachable(self.url, "writing"), self.engine.begin() as connection:
+            for start in range(0, len(wanted), _CHUNK):
+                result = connection.execute(
+                    sa.delete(instances).where(instances.c.key.in_(wanted[start:start + _CHUNK])))
+                removed += result.rowcount
+        return removed
+
+
+def _row(raw: Any) -> Row:
+    return Row(**{name: getattr(raw, name) for name in _FIELDS})
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path | None) -> Iterator[None]:
+    """An exclusive lock on ``path`` (made if missing) while the block runs; none for None."""
+    if path is None:
+        yield
+        return
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
