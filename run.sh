@@ -67,6 +67,10 @@ case "${1:-}" in
     if ! command -v dcmsend >/dev/null 2>&1; then
       apt_install dcmtk || say "DCMTK not installed: its tests will skip (they fail under CI=true)"
     fi
+    # the catalog's tests start their own PostgreSQL server with Debian's initdb and pg_ctl
+    if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+      apt_install postgresql || say "PostgreSQL not installed: the catalog's PostgreSQL tests will skip"
+    fi
     # the bench's storescp that fsyncs before it answers is checked with strace, built with cc
     if ! command -v strace >/dev/null 2>&1 || ! command -v cc >/dev/null 2>&1; then
       apt_install strace gcc libc6-dev ||

@@ -127,7 +127,9 @@ class Catalog:
         if target.get_backend_name() == "sqlite":
             if target.database and target.database != ":memory:":
                 Path(target.database).parent.mkdir(parents=True, exist_ok=True)
-            engine = sa.create_engine(target, connect_args={"timeout": SQLITE_BUSY_TIMEOUT})
+            # a connection per use: nothing held open between tasks, nothing left to close
+            engine = sa.create_engine(target, poolclass=sa.NullPool,
+                                      connect_args={"timeout": SQLITE_BUSY_TIMEOUT})
             sa.event.listen(engine, "connect", _sqlite_pragmas)
         else:
             engine = sa.create_engine(target, pool_pre_ping=True, pool_size=2,

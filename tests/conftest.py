@@ -17,6 +17,7 @@ from ingest.embedded import EmbeddedRedis, EmbeddedRedisError, redis_server_bina
 from ingest.settings import Settings
 from ingest.spool import Spool
 from tests.support import IN_CI, free_port, need, wait_for
+from tests.support.postgres import PostgresError, PostgresServer
 
 
 @pytest.fixture(scope="session")
@@ -61,6 +62,30 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     proc.terminate()
     proc.wait(10)
     log.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server for the session (tests that stop it must start it again)."""
+    server: PostgresServer | None = None
+    try:
+        server = PostgresServer().init()
+        server.start()
+    except PostgresError as exc:
+        if server is not None:
+            server.remove()
+        need(False, f"a PostgreSQL server ({exc})")
+    assert server is not None
+    yield server
+    server.remove()
+
+
+@pytest.fixture
+def postgres(postgres_server: PostgresServer) -> str:
+    """The URL of a new, empty database on the session's PostgreSQL server."""
+    if not postgres_server.running:  # a test stopped it and failed before starting it again
+        postgres_server.start()
+    return postgres_server.create_database()
 
 
 @pytest.fixture

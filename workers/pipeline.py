@@ -51,6 +51,11 @@ class Pipeline:
         return cls(Spool(settings.spool_dir), archive, prefix, settings.duplicate_policy,
                    settings.poison_max_attempts, catalog=CatalogLink(catalog_url(settings)))
 
+    def close(self) -> None:
+        """Release the catalog's connections (a worker process's exit does it too)."""
+        if self.catalog is not None:
+            self.catalog.close()
+
     def process(self, receipt_id: str) -> Outcome:
         """Handle one spool entry. Idempotent; raises TransientError when storage is down."""
         with self.spool.claim(receipt_id) as claimed:
