@@ -208,23 +208,19 @@ def test_find_and_rebuild_on_the_command_line(
         out = run(cli("find", "--json", *args), env=env).stdout
         return [json.loads(line) for line in out.splitlines()]
 
-    assert len(find()) == 4
-    assert len(find("--study", STUDY)) == 3
-    assert [r["calling_aet"] for r in find("--calling-aet", "AE1")] == ["AE1"]
-    assert len(find("--since", "1h")) == 4 and find("--since", "2999-01-01") == []
-    assert len(find("--limit", "2")) == 2
-    sop = find("--series", SERIES)[0]["sop_instance_uid"]
-    assert [r["sop_instance_uid"] for r in find("--sop", sop)] == [sop]
+    before = find()
+    assert len(before) == 4
+    (ae1,) = find("--study", STUDY, "--series", SERIES, "--calling-aet", "AE1", "--since", "1h")
+    assert ae1["calling_aet"] == "AE1" and ae1["state"] == "archived"
+    assert find("--sop", ae1["sop_instance_uid"]) == [ae1]
+    assert len(find("--limit", "2", "--since", "2000-01-01T00:00Z")) == 2
     table = run(cli("find"), env=env).stdout
     assert "quarantine/" in table and "(truncated)" in table and "4 found" in table
-    bad = run(cli("find", "--since", "yesterday"), env=env, check=False)
-    assert bad.returncode == 2 and "--since" in bad.stderr
+    assert ae1["key"] in table
 
     # the catalog lost: a rebuild makes it again, with a progress bar on stderr
-    before = find()
     lost = tmp_path / "lost.sqlite"
     env["INGEST_CATALOG_URL"] = f"sqlite:///{lost}"
-    assert find() == []
     rebuilt = run(cli("catalog", "rebuild"), env=env)
     assert "4 rows written, 0 removed" in rebuilt.stdout
     assert "catalog rebuild" in rebuilt.stderr and "key" in rebuilt.stderr

@@ -52,17 +52,19 @@ def manifests() -> list[dict[str, Any]]:
 
 def test_compose_services_and_health(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {"redis", "minio", "minio-init", "receiver", "worker", "flower"}
-    for name in ("redis", "minio", "receiver"):
+    assert set(services) == {"redis", "minio", "minio-init", "postgres", "receiver", "worker",
+                             "flower"}
+    for name in ("redis", "minio", "postgres", "receiver"):
         assert services[name]["healthcheck"]["test"], name
     redis_cmd = " ".join(services["redis"]["command"])
     assert "--appendonly yes" in redis_cmd and "--maxmemory-policy noeviction" in redis_cmd
-    for name in ("redis", "minio", "minio-init"):
+    for name in ("redis", "minio", "minio-init", "postgres"):
         image = services[name]["image"]
         assert ":" in image and not image.endswith(":latest"), f"{name} is not pinned"
     worker_deps = services["worker"]["depends_on"]
     assert worker_deps["redis"]["condition"] == "service_healthy"
     assert worker_deps["minio-init"]["condition"] == "service_completed_successfully"
+    assert worker_deps["postgres"]["condition"] == "service_healthy"
     assert services["receiver"]["depends_on"]["redis"]["condition"] == "service_healthy"
     assert "11112:11112" in services["receiver"]["ports"]
     # one spool volume, shared by the receiver and the workers
@@ -74,6 +76,25 @@ def test_compose_services_and_health(compose: dict[str, Any]) -> None:
     for name in ("receiver", "worker", "flower"):
         assert isinstance(services[name]["command"], list)
     assert services["worker"]["stop_grace_period"]
+
+
+def test_compose_catalog_is_postgresql_with_a_volume_and_a_secret(
+        compose: dict[str, Any]) -> None:
+    postgres = compose["services"]["postgres"]
+    assert any(v.startswith("postgres-data:/var/lib/postgresql/data")
+               for v in postgres["volumes"])
+    assert "postgres-data" in compose["volumes"]
+    assert "pg_isready" in postgres["healthcheck"]["test"]
+    # the password is a Compose secret for the server, from the environment, never a literal
+    assert postgres["secrets"] == ["postgres-password"]
+    assert postgres["environment"]["POSTGRES_PASSWORD_FILE"] == "/run/secrets/postgres-password"
+    assert compose["secrets"]["postgres-password"] == {"environment": "POSTGRES_PASSWORD"}
+    url = compose["x-ingest-env"]["INGEST_CATALOG_URL"]
+    user, db = postgres["environment"]["POSTGRES_USER"], postgres["environment"]["POSTGRES_DB"]
+    assert url.startswith(f"postgresql://{user}:${{POSTGRES_PASSWORD:?")
+    assert url.endswith(f"@postgres:5432/{db}")
+    for role in ("receiver", "worker"):
+        assert compose["services"][role]["environment"]["INGEST_CATALOG_URL"] == url
 
 
 def test_compose_settings_exist(compose: dict[str, Any]) -> None:
@@ -96,7 +117,9 @@ def test_no_secret_in_compose(compose: dict[str, Any]) -> None:
     text = (ROOT / "docker-compose.yml").read_text()
     for line in text.splitlines():
         if re.search(r"(PASSWORD|SECRET|BASIC_AUTH)\w*:\s*\S", line):
-            assert "${" in line, f"a literal secret: {line.strip()}"
+            # from the environment, or a Compose secret's file (itself from the environment)
+            assert "${" in line or re.search(r"_FILE:\s*/run/secrets/", line), \
+                f"a literal secret: {line.strip()}"
 
 
 def test_dockerfile() -> None:
@@ -121,9 +144,38 @@ def test_manifests_parse_and_are_complete(manifests: list[dict[str, Any]]) -> No
                      ("Secret", "dicom-ingest"), ("PersistentVolumeClaim", "dicom-ingest-spool")]:
         assert expected in kinds, expected
     assert sum(1 for kind, _ in kinds if kind == "PodDisruptionBudget") == 2
+    for expected in [("Service", "postgres"), ("StatefulSet", "postgres"),
+                     ("Secret", "dicom-ingest-postgres")]:
+        assert expected in kinds, expected
     listed = yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]
     assert sorted(listed) == sorted(p.name for p in K8S.glob("*.yaml")
                                     if p.name != "kustomization.yaml")
+
+
+def test_manifests_catalog_is_postgresql_with_a_volume_and_a_secret(
+        manifests: list[dict[str, Any]]) -> None:
+    postgres = next(d for d in manifests if d["kind"] == "StatefulSet"
+                    and d["metadata"]["name"] == "postgres")
+    spec = postgres["spec"]
+    (container,) = spec["template"]["spec"]["containers"]
+    assert ":" in container["image"] and not container["image"].endswith(":latest")
+    assert "pg_isready" in container["readinessProbe"]["exec"]["command"]
+    claim = spec["volumeClaimTemplates"][0]["metadata"]["name"]
+    assert claim in [m["name"] for m in container["volumeMounts"]]
+    env = {e["name"]: e for e in container["env"]}
+    ref = env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    secrets = {d["metadata"]["name"]: d for d in manifests if d["kind"] == "Secret"}
+    assert ref["key"] in secrets[ref["name"]]["stringData"]
+    # the catalog's URL carries a password: in the Secret the pods load, not the ConfigMap
+    config = next(d for d in manifests if d["kind"] == "ConfigMap")["data"]
+    assert "INGEST_CATALOG_URL" not in config
+    url = secrets["dicom-ingest"]["stringData"]["INGEST_CATALOG_URL"]
+    user, db = env["POSTGRES_USER"]["value"], env["POSTGRES_DB"]["value"]
+    assert url.startswith(f"postgresql://{user}:") and url.endswith(f"@postgres:5432/{db}")
+    worker = next(d for d in manifests if d["kind"] == "Deployment"
+                  and d["metadata"]["name"] == "dicom-ingest-worker")
+    loaded = worker["spec"]["template"]["spec"]["containers"][0]["envFrom"]
+    assert {"secretRef": {"name": "dicom-ingest"}} in loaded
 
 
 def test_manifest_settings_exist(manifests: list[dict[str, Any]]) -> None:
