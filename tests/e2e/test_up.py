@@ -55,6 +55,10 @@ def test_up_archives_and_stops_cleanly(tmp_path: Path) -> None:
                                 cwd=tmp_path).stdout)
         assert status["spool_depth"] == 0 and status["queue_length"] == 0
         assert status["workers"] and len(status["workers"]) == 1
+        # the catalog lives in up's data directory, where find looks by default
+        assert (tmp_path / "data" / "catalog.sqlite").exists()
+        rows = run(cli("find", "--json"), env=env | {"PYTHONPATH": ROOT}, cwd=tmp_path).stdout
+        assert len(rows.splitlines()) == 3
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(90)
