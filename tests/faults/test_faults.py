@@ -322,6 +322,46 @@ def test_s3_down_then_back(row: Row, tmp_path: Path, redis_url: str, s3_endpoint
             proxy.stop()
 
 
+def test_catalog_database_down_then_back(row: Row, tmp_path: Path, redis_url: str,
+                                        postgres: str, postgres_server: Any) -> None:
+    """The catalog's PostgreSQL stops while instances arrive: archived objects wait in the
+    spool for their row (the tasks fail transiently, naming the database); once it is back,
+    every acked instance is archived and catalogued, and the spool is empty."""
+    from ingest.catalog import Catalog
+    from tests.processes import start_pipeline
+
+    row.scenario = "catalog PostgreSQL stopped mid-stream, back"
+    with start_pipeline(tmp_path, redis_url, catalog_url=postgres) as pipeline:
+        files = instances(tmp_path / "in", 20)
+        stream = Stream(pipeline.port, files, pause=0.05).start()
+        row.watch(stream, pipeline)
+        wait_for(lambda: len(stream.statuses) >= 5, 60, what="five instances sent")
+        postgres_server.stop()
+        try:
+            wait_for(lambda: "transient failure" in pipeline.log("worker")
+                     and "catalog postgresql://***@127.0.0.1" in pipeline.log("worker"), 60,
+                     what="a task failing on the stopped database")
+            stream.wait()
+            waiting = len(list((pipeline.settings.spool_dir / "entries").glob("*.dcm")))
+            row.fault = (f"tasks failed transiently naming the database; {waiting} entries "
+                         "waited in the spool")
+        finally:
+            postgres_server.start()
+        assert waiting, "nothing waited for the catalog: the outage proved nothing"
+        assert len(stream.acked) == len(files)
+        assert_invariant(pipeline, stream.acked)
+        sops = {sop_of(p) for p in stream.acked}
+        catalog = Catalog.open(postgres)
+        try:
+            rows = catalog.by_sop(sops)
+        finally:
+            catalog.close()
+        assert set(rows) == sops, f"not catalogued: {sorted(sops - set(rows))}"
+        assert {r.key for found in rows.values() for r in found} == {
+            key_of(p) for p in stream.acked}
+        row.fault += f"; {len(rows)} catalogued"
+
+
 @contextlib.contextmanager
 def small_filesystem(path: Path, size_mb: int) -> Iterator[Path]:
     """A tmpfs of ``size_mb`` at ``path`` (root only: skips locally, fails under CI)."""
