@@ -97,12 +97,12 @@ def _unreachable(url: str, what: str) -> Iterator[None]:
     """Translate a database that is down, gone away or refusing us into CatalogError."""
     try:
         yield
-    except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
-        raise CatalogError(f"catalog {redact_url(url)}: {what} failed: {exc.orig}") from exc
     except sa_exc.DBAPIError as exc:
-        if exc.connection_invalidated:
-            raise CatalogError(f"catalog {redact_url(url)}: {what} failed: {exc.orig}") from exc
-        raise
+        unreachable = isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError)
+        if not (unreachable or exc.connection_invalidated):
+            raise
+        detail = " ".join(str(exc.orig).split())  # the driver's message on one line
+        raise CatalogError(f"catalog {redact_url(url)}: {what} failed: {detail}") from exc
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
