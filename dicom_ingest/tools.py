@@ -70,6 +70,11 @@ def status(settings: Settings, as_json: bool) -> int:
     spool = Spool(settings.spool_dir)
     spool.ensure()
     depth, oldest = spool.stats()
+    from receiver.commitment import Requests
+
+    requests = Requests(settings.spool_dir)
+    requests.ensure()
+    commitments, expired = len(requests.pending()), len(requests.expired_ids())
     queue = archive_queue(settings)
     queued = queue_length(settings.redis_url, queue)
     workers: list[str] | None = None
@@ -101,6 +106,8 @@ def status(settings: Settings, as_json: bool) -> int:
     report: dict[str, Any] = {"spool_depth": depth, "oldest_age_seconds": round(oldest, 1),
                               "queue": queue, "queue_length": queued,
                               "quarantined": quarantined, "archive": archive_state,
+                              "commitments_pending": commitments,
+                              "commitments_expired": expired,
                               "workers": workers}
     if as_json:
         print(json.dumps(report))
@@ -113,6 +120,8 @@ def status(settings: Settings, as_json: bool) -> int:
     print(f"oldest entry     {oldest:.0f} s" if depth else "oldest entry     -")
     print(f"queue length     {show(queued)} ({queue})")
     print(f"quarantined      {show(quarantined)}")
+    print(f"commitments      {commitments} pending"
+          + (f", {expired} expired (undeliverable)" if expired else ""))
     print(f"archive          {archive_state}")
     print(f"workers          {show(len(workers) if workers is not None else None)}"
           + (f" ({', '.join(workers)})" if workers else ""))

@@ -71,6 +71,11 @@ class Settings:
     receiver_processes: int = 0
     receiver_index: int = 0  # set by the receiver for its extra processes
     receiver_fast_path: bool = True  # C-STOREs straight from the socket to the spool
+    #: where storage commitment reports go when the requesting association is closed:
+    #: (calling AE title, host, port) of each requester
+    commitment_peers: tuple[tuple[str, str, int], ...] = ()
+    commitment_timeout: float = 600.0  # seconds a referenced instance is waited for
+    commitment_expiry: float = 86400.0  # seconds an undeliverable report is retried
     flower_port: int = 5555
     flower_basic_auth: str = field(default="", repr=False)  # user:password
     #: postgresql://USER:PASS@HOST:PORT/DB or sqlite:///PATH; "": SQLite at
@@ -163,6 +168,20 @@ def _catalog_url(raw: str) -> str:
     return raw
 
 
+def _peers(name: str, raw: str) -> tuple[tuple[str, str, int], ...]:
+    """``AE=host:port,AE2=host:port`` as (AE title, host, port) triples."""
+    peers = []
+    for part in raw.split(","):
+        if not part.strip():
+            continue
+        ae, sep, address = part.partition("=")
+        host, colon, port = address.strip().rpartition(":")
+        if not sep or not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise SettingsError(f"{PREFIX}{name}: {part.strip()!r} is not AE=host:port")
+        peers.append((_ae_title(name, ae), host.strip("[]"), int(port)))
+    return tuple(peers)
+
+
 def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
     """Build settings from ``INGEST_*`` variables; keyword overrides (CLI flags) win."""
     env = os.environ if environ is None else environ
@@ -250,6 +269,12 @@ def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Sett
         values["receiver_index"] = _int("RECEIVER_INDEX", v)
     if (v := get("RECEIVER_FAST_PATH")) is not None:
         values["receiver_fast_path"] = _bool("RECEIVER_FAST_PATH", v)
+    if (v := get("COMMITMENT_PEERS")) is not None:
+        values["commitment_peers"] = _peers("COMMITMENT_PEERS", v)
+    if (v := get("COMMITMENT_TIMEOUT")) is not None:
+        values["commitment_timeout"] = _float("COMMITMENT_TIMEOUT", v)
+    if (v := get("COMMITMENT_EXPIRY")) is not None:
+        values["commitment_expiry"] = _float("COMMITMENT_EXPIRY", v)
     if (v := get("FLOWER_PORT")) is not None:
         values["flower_port"] = _int("FLOWER_PORT", v)
     if (v := get("FLOWER_BASIC_AUTH")) is not None:
@@ -309,6 +334,10 @@ def environment(settings: Settings) -> dict[str, str]:
         "RECEIVER_PROCESSES": str(settings.receiver_processes),
         "RECEIVER_INDEX": str(settings.receiver_index),
         "RECEIVER_FAST_PATH": str(settings.receiver_fast_path).lower(),
+        "COMMITMENT_PEERS": ",".join(f"{ae}={f'[{host}]' if ':' in host else host}:{port}"
+                                     for ae, host, port in settings.commitment_peers),
+        "COMMITMENT_TIMEOUT": str(settings.commitment_timeout),
+        "COMMITMENT_EXPIRY": str(settings.commitment_expiry),
         "FLOWER_PORT": str(settings.flower_port),
         "FLOWER_BASIC_AUTH": settings.flower_basic_auth,
         "CATALOG_URL": settings.catalog_url,

@@ -26,6 +26,7 @@ class ReceiverMetrics:
     spool_depth: Gauge
     spool_oldest: Gauge
     processes: Gauge
+    commitment: CommitmentCounters
 
     def __init__(self) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -62,8 +63,42 @@ class ReceiverMetrics:
                                "INGEST_RECEIVER_PROCESSES: one has exited)", registry=r,
                                multiprocess_mode="livesum")
         self.processes.set(1)
+        self.commitment = CommitmentCounters(
+            Counter("dicom_ingest_commitment_requests",
+                    "Storage commitment requests taken (N-ACTION answered Success)",
+                    registry=r),
+            Counter("dicom_ingest_commitment_instances",
+                    "Instances reported in storage commitment reports, by result "
+                    "(committed, or the failure reason)", ["result"], registry=r),
+            Counter("dicom_ingest_commitment_delivery_failures",
+                    "Storage commitment reports that could not be delivered (retried)",
+                    registry=r),
+            Counter("dicom_ingest_commitment_expired",
+                    "Storage commitment reports given up after INGEST_COMMITMENT_EXPIRY",
+                    registry=r))
 
     def spool_counted(self, depth: int, oldest_age: float) -> None:
         """The spool monitor's latest count."""
         self.spool_depth.set(depth)
         self.spool_oldest.set(oldest_age)
+
+
+class CommitmentCounters:
+    """The storage commitment's counters (:class:`receiver.commitment.CommitmentMetrics`)."""
+
+    def __init__(self, requests: Counter, instances: Counter, failures: Counter,
+                 expirations: Counter) -> None:
+        self._requests, self._instances = requests, instances
+        self._failures, self._expirations = failures, expirations
+
+    def requested(self) -> None:
+        self._requests.inc()
+
+    def decided(self, result: str, count: int) -> None:
+        self._instances.labels(result).inc(count)
+
+    def delivery_failed(self) -> None:
+        self._failures.inc()
+
+    def expired(self) -> None:
+        self._expirations.inc()

@@ -38,11 +38,12 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from ingest import metrics as summed_metrics
 from ingest.broker import make_celery, publish, queue_length
+from ingest.catalog import Catalog, catalog_url
 from ingest.messages import queue_for
 from ingest.settings import Settings, environment, receiver_processes, redact_url
 from ingest.spool import Spool, TempFilePool
 from ingest.stopsignals import StopSignals
-from receiver import fastpath, internals, limits, reactors, streams
+from receiver import commitment, fastpath, internals, limits, reactors, streams
 from receiver.associations import AssociationContext, on_accepted, on_ended, on_rejected
 from receiver.handlers import StoreContext, handle_echo, handle_store
 from receiver.metrics import ReceiverMetrics
@@ -158,7 +159,25 @@ def build_ae(settings: Settings) -> AE:
         assert context.abstract_syntax is not None
         ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification, TRANSFER_SYNTAXES)
+    # Storage Commitment: we are its SCP; a requester proposing role selection gets what
+    # it proposes
+    ae.add_supported_context(commitment.STORAGE_COMMITMENT, _UNCOMPRESSED, scu_role=True,
+                             scp_role=True)
     return ae
+
+
+class Lookups:
+    """The catalog, opened at its first use by the committer (not at start: a database that
+    is down must not keep the receiver from taking C-STOREs)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._catalog: Catalog | None = None
+
+    def __call__(self) -> Catalog:
+        if self._catalog is None:
+            self._catalog = Catalog.open(self.url)
+        return self._catalog
 
 
 def private_handlers(settings: Settings, context: StoreContext,
@@ -219,6 +238,7 @@ class Receiver:
     monitor: SpoolMonitor
     metrics: ReceiverMetrics
     spool: Spool
+    committer: commitment.Committer
 
     @property
     def port(self) -> int:
@@ -242,6 +262,7 @@ class Receiver:
                         str(assoc.requestor.ae_title).strip())
             assoc.abort()
         self.sweeper.stop()
+        self.committer.stop()
         self.monitor.stop()
         self.publisher.stop()
         if self.spool.temp_files is not None:
@@ -285,6 +306,14 @@ def start(settings: Settings, listen_fd: int | None = None,
     context = StoreContext(spool=spool, enqueuer=publisher, gate=monitor, metrics=metrics,
                            new_stream=new_stream)
     associations = AssociationContext(settings, metrics)
+    requests = commitment.Requests(settings.spool_dir)
+    requests.ensure()
+    commitments = commitment.CommitmentContext(requests, metrics.commitment)
+    committer = commitment.Committer(
+        commitments, Lookups(catalog_url(settings)), settings.ae_title,
+        settings.commitment_peers, settings.commitment_timeout, settings.commitment_expiry,
+        commitment.send_on_new_association)
+    committer.start()
     handlers: list[Any] = [
         (evt.EVT_CONN_OPEN, _daemon_dul),
         (evt.EVT_C_STORE, handle_store, [context]),  # what the fast path leaves to pynetdicom
@@ -293,6 +322,10 @@ def start(settings: Settings, listen_fd: int | None = None,
         (evt.EVT_REJECTED, on_rejected, [associations]),
         (evt.EVT_RELEASED, on_ended),
         (evt.EVT_ABORTED, on_ended),
+        (evt.EVT_N_ACTION, commitment.handle_action, [commitments]),
+        (evt.EVT_RELEASED, commitment.on_ended, [commitments]),
+        (evt.EVT_ABORTED, commitment.on_ended, [commitments]),
+        (evt.EVT_CONN_CLOSE, commitment.on_ended, [commitments]),
     ]
     handlers += private_handlers(settings, context, metrics)
     ae = build_ae(settings)
@@ -308,7 +341,8 @@ def start(settings: Settings, listen_fd: int | None = None,
         server = ae.start_server((settings.host, settings.port), block=False,
                                  evt_handlers=handlers, ssl_context=tls_context(settings))
     server.contexts = SharedContexts(server.contexts)
-    receiver = Receiver(settings, server, publisher, sweeper, monitor, metrics, spool)
+    receiver = Receiver(settings, server, publisher, sweeper, monitor, metrics, spool,
+                        committer)
     log.info("receiver %s listening on %s:%d%s (process %d of %d), spool %s, broker %s",
              settings.ae_title, settings.host, receiver.port,
              " (TLS)" if settings.tls_cert else "", settings.receiver_index + 1,
