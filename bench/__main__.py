@@ -5,9 +5,12 @@ DCMTK runs twice: as it is, and made to fsync each received file and its directo
 answers (bench/fsync_before_answer.c, built with cc, loaded with LD_PRELOAD), which is the
 promise our spool keeps before 0x0000: what that durability costs DCMTK, in the same run.
 
-Senders are DCMTK's storescu with TCP_NODELAY=1 for throughput, and pynetdicom (one instance
-at a time) for the C-STORE round-trip latency. Figures are ratios against DCMTK from the same
-run: absolute numbers drift on a shared machine.
+Senders are DCMTK's storescu with TCP_NODELAY=1 for throughput (512 KB instances over 1, 4
+and 16 parallel associations, 40 KB over 1 and 4), and pynetdicom (one instance at a time) for
+the C-STORE round-trip latency. Ours also takes the 512 KB loads over 1 and 4 associations
+with a backlog already waiting in its spool (--backlog). Figures are ratios against DCMTK from
+the same run, the throughput targets against the durable DCMTK: absolute numbers drift on a
+shared machine.
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from bench.backlog import BACKLOG_ENV, ENTRY_BYTES, link_backlog, make_backlog
 from bench.corpus import make_corpus, make_large
-from bench.report import DISK_ALONE
+from bench.report import BACKLOG_LOADS, DCMTK, DISK_ALONE, LOADS, OURS, backlog_name
 from bench.servers import (
     NODELAY,
     DurableStorescp,
@@ -39,10 +43,10 @@ from bench.servers import (
     Server,
     Storescp,
     build_fsync_before_answer,
-    free_port,
     receiver_pids,
     wait_port,
 )
+from ingest.embedded import free_port
 from ingest.scu import associate
 from ingest.settings import Settings, receiver_processes
 from workers.app import PROCESSES_PER_CORE, default_concurrency
@@ -60,6 +64,7 @@ class Row:
     ratio: float | None = None  # ours / DCMTK
     note: str = ""
     of_receive: float | None = None  # end to end: archived / received in the same runs
+    of_empty: float | None = None  # a backlog run: / the same load on an empty spool
 
 
 @dataclass
@@ -144,7 +149,7 @@ class Run:
 def throughput(server: Server, files: list[Path], associations: int) -> Run:
     """Instances per second for ``files`` over ``associations`` parallel ones, and what
     the machine spent on them."""
-    chunks = [files[i::associations] for i in range(associations)]
+    chunks = [files[i::associations] for i in range(min(associations, len(files)))]
     threads = [threading.Thread(target=storescu, args=(server.port, server.ae_title, c))
                for c in chunks]
     settle(server.workdir, total_size(files))
@@ -293,6 +298,11 @@ def main() -> int:
     parser.add_argument("--fast-path-off", action="store_true",
                         help="also run ours with its fast path off (pynetdicom's own C-STORE "
                         "handling), as a fifth receiver")
+    parser.add_argument("--backlog", type=int, default=20000,
+                        help="entries waiting in ours' spool for its backlog runs (the "
+                        f"{' and '.join(repr(load.label) for load in BACKLOG_LOADS)} loads, "
+                        "each next to the same load on an empty spool, in every round); 0: "
+                        "no backlog runs (20000)")
     parser.add_argument("--only", choices=("receive", "e2e", "memory"), action="append",
                         help="run only this part (repeatable); default: all three")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -305,7 +315,8 @@ def main() -> int:
     from ingest.embedded import EmbeddedRedis
 
     need = space_needed(args.count, args.small, args.large_mb, args.rounds, parts,
-                        receivers=(3 + Orthanc.available() + args.fast_path_off))
+                        receivers=(3 + Orthanc.available() + args.fast_path_off),
+                        backlog=args.backlog)
     free = shutil.disk_usage(tempfile.gettempdir()).free
     if free < need:
         print(f"bench: needs about {need / 1e9:.1f} GB free in {tempfile.gettempdir()}, "
@@ -325,7 +336,7 @@ def main() -> int:
     try:
         if "receive" in parts:
             receive(report, work, redis, ct, small, processes, args.rounds,
-                    args.fast_path_off)
+                    args.fast_path_off, max(0, args.backlog))
         if "e2e" in parts:
             end_to_end(report, work, redis, ct, args.workers, processes, args.rounds)
         if "memory" in parts:
@@ -337,13 +348,13 @@ def main() -> int:
     redis.stop()
     shutil.rmtree(work, ignore_errors=True)
 
-    from bench.report import targets, verdict, write
+    from bench.report import TARGETS_TITLE, targets, verdict, write
 
     machine = (f"{platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}, "
                f"{platform.platform()}; ours with {processes['INGEST_RECEIVER_PROCESSES']} "
                f"receiver process(es)")
     paths = write(report.rows, args.out, machine)
-    print("targets of issue 5 (ratios to DCMTK storescp in this run):")
+    print(f"{TARGETS_TITLE}:")
     for target, value, met in targets(report.rows):
         print(f"  {target:56} {value:30} {verdict(met)}")
     print(f"bench: wrote {', '.join(str(p) for p in paths)}")
@@ -351,15 +362,18 @@ def main() -> int:
 
 
 def space_needed(count: int, small: int, large_mb: int, rounds: int, parts: set[str],
-                 receivers: int) -> int:
+                 receivers: int, backlog: int = 0) -> int:
     """Bytes of disk a run of the bench writes under its work folder, about: the corpus, and
     every timed run's received files, which stay until the end (with a tenth more for the
     scratch file :func:`settle` writes and the spools' own files)."""
     ct, small_bytes, mb = count * 512 * 1024, small * 40 * 1024, 1 << 20
     need = ct + small_bytes
-    if "receive" in parts:  # the disk alone twice; each receiver 1 and 4 associations,
-        # the small instances and 200 instances of the round-trip phase
-        need += rounds * (2 * ct + receivers * (2 * ct + small_bytes + 200 * 512 * 1024))
+    if "receive" in parts:  # each load once for the disk alone and once for each receiver,
+        # and 200 instances of the round-trip phase for each receiver
+        loads = sum(ct if load.kb == 512 else small_bytes for load in LOADS)
+        need += rounds * (loads + receivers * (loads + 200 * 512 * 1024))
+        if backlog:  # the backlog's entries once (each run links them), and its runs' files
+            need += backlog * ENTRY_BYTES + rounds * len(BACKLOG_LOADS) * ct
     if "e2e" in parts:  # the directory archive keeps each run's instances (hard links)
         need += rounds * 2 * ct
     if "memory" in parts:  # the large instance, and the spool entry it becomes
@@ -370,7 +384,7 @@ def space_needed(count: int, small: int, large_mb: int, rounds: int, parts: set[
 def receivers(work: Path, fast_path_off: bool = False
               ) -> list[tuple[str, type[Server] | None]]:
     """The receivers of the receive runs, by name; None stands for ours."""
-    servers: list[tuple[str, type[Server] | None]] = [("DCMTK storescp", Storescp)]
+    servers: list[tuple[str, type[Server] | None]] = [(DCMTK, Storescp)]
     DurableStorescp.library = build_fsync_before_answer(work)
     if DurableStorescp.library is not None:
         servers.append((DurableStorescp.name, DurableStorescp))
@@ -380,9 +394,9 @@ def receivers(work: Path, fast_path_off: bool = False
               "answers", flush=True)
     if Orthanc.available():
         servers.append(("Orthanc", Orthanc))
-    servers.append(("dicom-ingest", None))
+    servers.append((OURS, None))
     if fast_path_off:
-        servers.append(("dicom-ingest, fast path off", None))
+        servers.append((f"{OURS}, fast path off", None))
     return servers
 
 
@@ -409,55 +423,75 @@ def turns(servers: list[T], round_index: int) -> list[T]:
 
 
 def receive(report: Report, work: Path, redis: Any, ct: list[Path], small: list[Path],
-            processes: dict[str, str], rounds: int, fast_path_off: bool = False) -> None:
-    """Receive throughput over 1 and 4 associations, C-STORE round trip, association set-up:
-    DCMTK storescp as it is and made to fsync before it answers (where a C compiler builds
-    its LD_PRELOAD library), Orthanc when installed, ours (and, with ``fast_path_off``, ours
-    without its fast path). The receivers take turns, ``rounds`` times, in an order that
-    changes each round (the rows of a Williams design, :func:`turns`), and each figure is
-    the median of its rounds: on a shared machine the speed of the disk and the CPU drifts
-    by half within minutes."""
+            processes: dict[str, str], rounds: int, fast_path_off: bool = False,
+            backlog: int = 0) -> None:
+    """Receive throughput under each of :data:`LOADS` (512 KB and 40 KB instances over 1 to 16
+    parallel associations), C-STORE round trip, association set-up: DCMTK storescp as it is
+    and made to fsync before it answers (where a C compiler builds its LD_PRELOAD library),
+    Orthanc when installed, ours (and, with ``fast_path_off``, ours without its fast path).
+    The receivers take turns, ``rounds`` times, in an order that changes each round (the rows
+    of a Williams design, :func:`turns`), and each figure is the median of its rounds: on a
+    shared machine the speed of the disk and the CPU drifts by half within minutes.
+
+    With ``backlog``, ours also takes each of :data:`BACKLOG_LOADS` with that many entries
+    already waiting in its spool, right before or after (in turn, round by round) the same
+    load on an empty spool, and each is reported as the median of those pairs' ratios."""
     servers = receivers(work, fast_path_off)
     base: dict[str, float] = {}
+    corpus = {512: ct, 40: small}
+    tests = [(load.label, corpus[load.kb], load.associations) for load in LOADS]
+    paired = {load.label for load in BACKLOG_LOADS} if backlog else set()
+    waiting = backlog_name(backlog)
+    entries = make_backlog(work / "backlog", backlog) if backlog else None
 
-    def run_server(name: str, cls: type[Server] | None, sub: str) -> Server:
+    def run_server(name: str, cls: type[Server] | None, sub: str,
+                   with_backlog: bool = False) -> Server:
         (work / sub).mkdir()
         if cls is None:
             env = dict(processes)
             if "fast path off" in name:
                 env["INGEST_RECEIVER_FAST_PATH"] = "false"
+            if with_backlog and entries is not None:
+                link_backlog(entries, work / sub / "spool")
+                env |= BACKLOG_ENV
             return Ours(work / sub, redis.url, str(work / sub / "archive"), extra_env=env,
                         label=name).start()
         return cls(work / sub).start()
 
-    tests = (("512 KB, 1 association", ct, 1), ("512 KB, 4 associations", ct, 4),
-             ("40 KB, 1 association", small, 1))
     print(f"receive throughput, {rounds} rounds taking turns (no workers running for ours)",
           flush=True)
     rates: dict[tuple[str, str], list[float]] = {}
     cpu: dict[tuple[str, str], list[Run]] = {}  # the same runs' CPU
-    sync_ms: list[float] = []  # from the fsync on, per file, one thread
+    sync_ms: dict[str, list[float]] = {}  # from the fsync on, per file, one thread
     round_trips: dict[str, list[float]] = {}  # C-STORE round trips (ms) of all rounds
     setups: dict[str, list[float]] = {}
     floor = DISK_ALONE
     for r in range(rounds):
-        for label, files, assocs in tests[:2]:
-            rate, sync = durable_floor(work / f"floor{r}-{assocs}", files[0].stat().st_size,
+        for m, (label, files, assocs) in enumerate(tests):
+            rate, sync = durable_floor(work / f"floor{r}-{m}", files[0].stat().st_size,
                                        len(files), assocs)
             rates.setdefault((floor, label), []).append(rate)
             if assocs == 1:
-                sync_ms.append(sync * 1000)
+                sync_ms.setdefault(label, []).append(sync * 1000)
             print(f"  round {r + 1}: {label:26} {floor:30} {rate:8.1f} files/s", flush=True)
         for n, (name, cls) in turns(list(enumerate(servers)), r):
-            for m, (label, files, assocs) in enumerate(tests):
-                server = run_server(name, cls, f"rx{r}-{n}-{m}")
+            # (test, with the backlog): a backlog run next to the same test on an empty spool
+            plan: list[tuple[int, bool]] = []
+            for m, (label, _, _) in enumerate(tests):
+                pair = [(m, False)] + ([(m, True)] if name == OURS and label in paired else [])
+                plan += pair[::-1] if r % 2 else pair
+            for m, with_backlog in plan:
+                label, files, assocs = tests[m]
+                sub = f"rx{r}-{n}-{m}" + ("-backlog" if with_backlog else "")
+                server = run_server(name, cls, sub, with_backlog)
                 try:
                     run = throughput(server, files, assocs)
                 finally:
                     server.stop()
-                rates.setdefault((name, label), []).append(run.rate)
-                cpu.setdefault((name, label), []).append(run)
-                print(f"  round {r + 1}: {label:26} {name:30} {run.rate:8.1f} inst/s, "
+                column = waiting if with_backlog else name
+                rates.setdefault((column, label), []).append(run.rate)
+                cpu.setdefault((column, label), []).append(run)
+                print(f"  round {r + 1}: {label:26} {column:30} {run.rate:8.1f} inst/s, "
                       f"machine {run.cpu_ms:.2f} ms CPU/inst, {100 * run.busy:.0f}% busy",
                       flush=True)
             server = run_server(name, cls, f"lat{r}-{n}")
@@ -466,12 +500,45 @@ def receive(report: Report, work: Path, redis: Any, ct: list[Path], small: list[
                 setups.setdefault(name, []).extend(association_setup(server))
             finally:
                 server.stop()
-    for label, _files, assocs in tests[:2]:
+
+    def spread(runs: list[float], note: str = "") -> str:
+        """``note``, and the rounds' median and range where there were several."""
+        if len(runs) > 1:
+            note += (f"{'; ' if note else ''}median of {len(runs)} rounds "
+                     f"({runs[0]:.0f} to {runs[-1]:.0f})")
+        return note
+
+    def throughput_rows(name: str, label: str, files: list[Path], note: str = "",
+                        of_empty: float | None = None) -> None:
+        """The rows of one receiver under one load: instances/s, MB/s, CPU per instance."""
+        key = f"{label} (instances/s)"
+        runs = sorted(rates[(name, label)])
+        rate = statistics.median(runs)
+        if name == DCMTK:
+            base[key] = rate
+        ratio = rate / base[key] if name != DCMTK else None
+        report.add(Row(key, name, rate, "inst/s", ratio, spread(runs, note),
+                       of_empty=of_empty))
+        mb = rate * files[0].stat().st_size / 1e6
+        report.add(Row(f"{label} (MB/s)", name, mb, "MB/s", ratio))
+        runs_cpu = cpu[(name, label)]
+        if any(run.cpu_ms for run in runs_cpu):
+            key = f"{label}: machine CPU per instance (ms)"
+            spent = statistics.median(run.cpu_ms for run in runs_cpu)
+            busy = statistics.median(run.busy for run in runs_cpu)
+            if name == DCMTK:
+                base[key] = spent
+            report.add(Row(key, name, spent, "ms", spent / base[key] if name != DCMTK
+                           else None,
+                           f"all {os.cpu_count()} cores, senders and kernel included; "
+                           f"{100 * busy:.0f}% busy (medians of {len(runs_cpu)} rounds)"))
+
+    for label, _files, assocs in tests:
         runs = sorted(rates[(floor, label)])
-        dcmtk = statistics.median(rates[("DCMTK storescp", label)])
+        dcmtk = statistics.median(rates[(DCMTK, label)])
         if assocs == 1:
             # the sender waits for each answer: the fsyncs add to DCMTK's cycle
-            sync = statistics.median(sync_ms)
+            sync = statistics.median(sync_ms[label])
             estimate = 1 / (1 / dcmtk + sync / 1000)
             note = (f"one thread; {sync:.2f} ms a file from the fsync on. One association "
                     f"waits for each answer, so DCMTK's cycle plus these fsyncs would give "
@@ -481,32 +548,10 @@ def receive(report: Report, work: Path, redis: Any, ct: list[Path], small: list[
         else:
             note = f"{assocs} threads: write, fsync, rename, fsync dir through the page cache"
         report.add(Row(f"{label} (instances/s)", floor, statistics.median(runs), "files/s",
-                       statistics.median(runs) / dcmtk,
-                       f"{note}; median of {len(runs)} rounds ({runs[0]:.0f} to {runs[-1]:.0f})"))
-    for name, cls in servers:
+                       statistics.median(runs) / dcmtk, spread(runs, note)))
+    for name, _cls in servers:
         for label, files, _ in tests:
-            key = f"{label} (instances/s)"
-            runs = sorted(rates[(name, label)])
-            rate = statistics.median(runs)
-            if cls is Storescp:
-                base[key] = rate
-            ratio = rate / base[key] if cls is not Storescp else None
-            spread = (f"median of {len(runs)} rounds ({runs[0]:.0f} to {runs[-1]:.0f})"
-                      if len(runs) > 1 else "")
-            report.add(Row(key, name, rate, "inst/s", ratio, spread))
-            mb = rate * files[0].stat().st_size / 1e6
-            report.add(Row(f"{label} (MB/s)", name, mb, "MB/s", ratio))
-            runs_cpu = cpu[(name, label)]
-            if any(run.cpu_ms for run in runs_cpu):
-                key = f"{label}: machine CPU per instance (ms)"
-                spent = statistics.median(run.cpu_ms for run in runs_cpu)
-                busy = statistics.median(run.busy for run in runs_cpu)
-                if cls is Storescp:
-                    base[key] = spent
-                report.add(Row(key, name, spent, "ms", spent / base[key]
-                               if cls is not Storescp else None,
-                               f"all {os.cpu_count()} cores, senders and kernel included; "
-                               f"{100 * busy:.0f}% busy (medians of {len(runs_cpu)} rounds)"))
+            throughput_rows(name, label, files)
         times = sorted(round_trips[name])
         p50, p99 = statistics.median(times), times[min(len(times) - 1, int(len(times) * 0.99))]
         setup = statistics.median(setups[name])
@@ -516,10 +561,19 @@ def receive(report: Report, work: Path, redis: Any, ct: list[Path], small: list[
                 ("C-STORE round trip p99 (ms, pynetdicom sender)", p99, trips),
                 ("association with 128 contexts, C-ECHO, release (ms)", setup,
                  f"median of {len(setups[name])}")):
-            if cls is Storescp:
+            if name == DCMTK:
                 base[key] = v
-            report.add(Row(key, name, v, "ms", v / base[key] if cls is not Storescp
+            report.add(Row(key, name, v, "ms", v / base[key] if name != DCMTK
                            else None, note))
+    for label, files, _ in tests:
+        if label in paired:
+            same = sorted(b / e for b, e in zip(rates[(waiting, label)], rates[(OURS, label)],
+                                                strict=True))
+            note = (f"{statistics.median(same):.2f}x the same load on an empty spool right "
+                    "before or after it in the same round, workers stopped")
+            if len(same) > 1:
+                note += f" (rounds: {same[0]:.2f} to {same[-1]:.2f})"
+            throughput_rows(waiting, label, files, note, of_empty=statistics.median(same))
 
 
 def end_to_end(report: Report, work: Path, redis: Any, ct: list[Path], n_workers: int,
@@ -536,7 +590,7 @@ def end_to_end(report: Report, work: Path, redis: Any, ct: list[Path], n_workers
         wait_port(moto_port, moto)  # started, so its start-up is not in what we time
     except (OSError, RuntimeError):
         moto = None
-    alone = [r.value for r in report.rows if r.server == "dicom-ingest"
+    alone = [r.value for r in report.rows if r.server == OURS
              and r.test == "512 KB, 1 association (instances/s)"]
     configs = [(backend, workers) for backend in ("directory", "s3")
                for workers in sorted({1, n_workers})]
@@ -559,7 +613,7 @@ def end_to_end(report: Report, work: Path, redis: Any, ct: list[Path], n_workers
             if alone:
                 note += f"; {rate / alone[0]:.2f}x the receive rate alone"
             report.add(Row(f"end to end, {backend}, {workers} worker process(es)",
-                           "dicom-ingest", rate, "inst/s", None, note,
+                           OURS, rate, "inst/s", None, note,
                            of_receive=statistics.median(same)))
     finally:
         if moto is not None:
@@ -622,7 +676,7 @@ def peak_memory(report: Report, work: Path, redis: Any, large_mb: int,
         peak = ours.peak_rss_mb()
     finally:
         ours.stop()
-    report.add(Row(f"receiver peak RSS, {large_mb} MB instance", "dicom-ingest", peak,
+    report.add(Row(f"receiver peak RSS, {large_mb} MB instance", OURS, peak,
                    "MB", None, f"{before:.0f} MB before it arrived"))
 
 

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.report import DURABLE_DCMTK
+from bench.report import DCMTK, DURABLE_DCMTK
 from ingest.embedded import free_port
 
 NODELAY = {"TCP_NODELAY": "1"}  # Debian's DCMTK otherwise stalls ~40 ms per C-STORE
@@ -70,7 +70,7 @@ class Server:
 
 
 class Storescp(Server):
-    name = "DCMTK storescp"
+    name = DCMTK
 
     def start(self) -> Server:
         out = self.workdir / "storescp-out"

@@ -49,11 +49,19 @@ def test_rounds_beyond_the_design_start_over() -> None:
 
 def test_the_space_a_run_needs_grows_with_what_it_runs() -> None:
     everything = {"receive", "e2e", "memory"}
-    full = space_needed(500, 1000, 1024, 4, everything, receivers=4)
-    # the receive part alone keeps 4 rounds x (the disk alone twice, and 4 receivers x
-    # (1 and 4 associations, 40 KB instances, 200 round trips)) of 512 KB instances
-    receive = space_needed(500, 1000, 1024, 4, {"receive"}, receivers=4)
-    assert receive > 4 * (2 + 4 * 2) * 500 * 512 * 1024
+    full = space_needed(500, 1000, 1024, 4, everything, receivers=4, backlog=20000)
+    ct, small = 500 * 512 * 1024, 1000 * 40 * 1024
+    # each round of the receive part keeps each load (512 KB over 1, 4 and 16 associations,
+    # 40 KB over 1 and 4) once for the disk alone and once for each of 4 receivers, their
+    # 200 round trips, and ours' two backlog runs; the backlog's 20000 entries once
+    loads = 3 * ct + 2 * small
+    receive = space_needed(500, 1000, 1024, 4, {"receive"}, receivers=4, backlog=20000)
+    assert receive > (4 * (loads + 4 * (loads + 200 * 512 * 1024) + 2 * ct)
+                      + 20000 * 4096)
+    no_backlog = space_needed(500, 1000, 1024, 4, {"receive"}, receivers=4, backlog=0)
+    assert receive - no_backlog > 4 * 2 * ct
     assert full > receive + 2 * 1024 * 2**20  # the large instance, twice
-    assert space_needed(500, 1000, 1024, 8, everything, receivers=4) > full
-    assert space_needed(500, 1000, 1024, 4, everything, receivers=3) < full
+    assert space_needed(500, 1000, 1024, 8, everything, receivers=4, backlog=20000) > full
+    assert space_needed(500, 1000, 1024, 4, everything, receivers=3, backlog=20000) < full
+    assert space_needed(500, 1000, 1024, 4, {"e2e"}, receivers=4, backlog=20000) == (
+        space_needed(500, 1000, 1024, 4, {"e2e"}, receivers=4))  # backlog runs: receive only
