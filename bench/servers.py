@@ -164,6 +164,10 @@ class Ours(Server):
             "INGEST_LOG_LEVEL": "warning", "INGEST_RECEIVER_PROCESSES": str(processes),
             "INGEST_S3_ACCESS_KEY": "bench", "INGEST_S3_SECRET_KEY": "bench",
             "INGEST_S3_REGION": "us-east-1",
+            # the catalog in this run's folder, unless the bench was given one to measure
+            # (INGEST_CATALOG_URL=postgresql://... ./run.sh bench)
+            "INGEST_CATALOG_URL": os.environ.get("INGEST_CATALOG_URL")
+            or f"sqlite:///{workdir / 'catalog.sqlite'}",
         } | (extra_env or {})
         self.workers: subprocess.Popen[bytes] | None = None
 
