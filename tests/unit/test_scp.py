@@ -12,7 +12,8 @@ def test_a_deep_copy_of_the_supported_contexts_shares_them() -> None:
     copied = copy.deepcopy(contexts)
     assert type(copied) is list and copied == list(contexts)
     assert all(a is b for a, b in zip(copied, contexts, strict=True))
-    assert len(copied) == 171  # every storage SOP class pynetdicom knows, and Verification
+    # every storage SOP class pynetdicom knows, Verification and Storage Commitment
+    assert len(copied) == 172
 
 
 def test_a_shared_socket_server_counts_the_connections_it_holds_open() -> None:
