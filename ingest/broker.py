@@ -6,7 +6,7 @@ from typing import Any
 
 from celery import Celery
 
-from ingest.messages import ARCHIVE_TASK, QUEUE, queue_for
+from ingest.messages import ARCHIVE_TASK, QUEUE, STUDY_EVENT_TASK, queue_for
 from ingest.settings import Settings
 from ingest.spool import Spool
 
@@ -77,4 +77,11 @@ def publish(app: Celery, queue: str, receipt_id: str) -> None:
     """Send one archive task to ``queue`` with Celery, by name (the receiver's sweeper, the
     operator's sweep and replay); raises when the broker cannot take it."""
     app.send_task(ARCHIVE_TASK, args=[receipt_id], queue=queue, retry=True,
+                  retry_policy=_RETRY_POLICY)
+
+
+def publish_event(app: Celery, queue: str, event_id: str) -> None:
+    """Send one study event task to ``queue`` by name (the receiver's stabiliser); raises when
+    the broker cannot take it (the outbox keeps the event and it is sent again)."""
+    app.send_task(STUDY_EVENT_TASK, args=[event_id], queue=queue, retry=True,
                   retry_policy=_RETRY_POLICY)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -48,6 +49,51 @@ instances = sa.Table(
     sa.Column("state", sa.String, nullable=False),
     sa.Column("reason", sa.String, nullable=True),
 )
+
+
+#: one row per study that has archived instances: ``open`` until it is stable, then ``stable``
+#: with the revision of its latest event (:mod:`ingest.studies`)
+studies = sa.Table(
+    "studies",
+    metadata,
+    sa.Column("study_uid", sa.String, primary_key=True),
+    sa.Column("state", sa.String, nullable=False),
+    sa.Column("revision", sa.Integer, nullable=False),
+    sa.Column("first_received_at", sa.Float, nullable=False),
+    sa.Column("last_received_at", sa.Float, nullable=False),
+    sa.Column("last_archived_at", sa.Float, nullable=False, index=True),
+    sa.Column("stabilised_at", sa.Float, nullable=True),
+)
+#: the outbox: one row per study event, ``{study}:{revision}``, until it is delivered
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("event_id", sa.String, primary_key=True),
+    sa.Column("study_uid", sa.String, nullable=False, index=True),
+    sa.Column("revision", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("manifest_key", sa.String, nullable=False),
+    sa.Column("manifest", sa.Text, nullable=False),
+    sa.Column("payload", sa.Text, nullable=False),
+    sa.Column("manifest_written_at", sa.Float, nullable=True),
+    sa.Column("webhook_delivered_at", sa.Float, nullable=True),
+    sa.Column("task_delivered_at", sa.Float, nullable=True),
+    sa.Column("delivered_at", sa.Float, nullable=True, index=True),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("next_attempt_at", sa.Float, nullable=False),
+    sa.Column("claimed_until", sa.Float, nullable=False),
+    sa.Column("last_error", sa.Text, nullable=True),
+)
+#: each spool's watermark: every entry received before ``clear_before`` had left it at
+#: ``updated_at`` (written by the stabiliser of the receiver on that spool)
+spools = sa.Table(
+    "spools",
+    metadata,
+    sa.Column("spool_id", sa.String, primary_key=True),
+    sa.Column("clear_before", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+OPEN, STABLE = "open", "stable"
 
 
 class CatalogError(Exception):
@@ -160,6 +206,13 @@ class Catalog:
     def close(self) -> None:
         self.engine.dispose()
 
+    @contextlib.contextmanager
+    def transaction(self, what: str = "writing") -> Iterator[sa.Connection]:
+        """One transaction (committed at the end of the block); CatalogError when the
+        database cannot be reached."""
+        with _unreachable(self.url, what), self.engine.begin() as connection:
+            yield connection
+
     def record(self, row: Row) -> None:
         """Insert ``row``, or replace the row of its key."""
         self.record_many([row])
@@ -168,20 +221,51 @@ class Catalog:
         """:meth:`record` for each of ``rows``, in one transaction."""
         if not rows:
             return
+        with _unreachable(self.url, "writing"), self.engine.begin() as connection:
+            self._upsert(connection, rows)
+
+    def _upsert(self, connection: sa.Connection, rows: Sequence[Row]) -> None:
         values = [{name: getattr(row, name) for name in _FIELDS} for row in rows]
-        if self.engine.dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-            statement: Any = pg_insert(instances)
-        else:
-            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-            statement = sqlite_insert(instances)
+        statement = self.insert(instances)
         statement = statement.on_conflict_do_update(
             index_elements=[instances.c.key],
             set_={name: statement.excluded[name] for name in _FIELDS if name != "key"})
+        connection.execute(statement, values)
+
+    def insert(self, table: sa.Table) -> Any:
+        """An INSERT of this dialect, which knows ON CONFLICT."""
+        if self.engine.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            return pg_insert(table)
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert(table)
+
+    def record_archived(self, row: Row, now: float | None = None) -> None:
+        """The row of a newly archived instance, and in the same transaction its study opened
+        (or re-opened, after its event) with ``now`` as its last archive time: a worker that
+        dies after this has told both, or neither."""
+        now = time.time() if now is None else now
+        statement = self.insert(studies).values(
+            study_uid=row.study_uid, state=OPEN, revision=0, first_received_at=row.received_at,
+            last_received_at=row.received_at, last_archived_at=now)
+        new, old = statement.excluded, studies.c
+        statement = statement.on_conflict_do_update(
+            index_elements=[old.study_uid],
+            set_={"state": OPEN,
+                  "last_archived_at": sa.case((new.last_archived_at > old.last_archived_at,
+                                               new.last_archived_at),
+                                              else_=old.last_archived_at),
+                  "first_received_at": sa.case((new.first_received_at < old.first_received_at,
+                                                new.first_received_at),
+                                               else_=old.first_received_at),
+                  "last_received_at": sa.case((new.last_received_at > old.last_received_at,
+                                               new.last_received_at),
+                                              else_=old.last_received_at)})
         with _unreachable(self.url, "writing"), self.engine.begin() as connection:
-            connection.execute(statement, values)
+            self._upsert(connection, [row])
+            connection.execute(statement)
 
     def get(self, key: str) -> Row | None:
         """The row of ``key``, if there is one."""

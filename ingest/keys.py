@@ -32,6 +32,20 @@ def instance_key(prefix: str, study: str, series: str, sop_instance: str) -> str
     return f"{normalize_prefix(prefix)}{study}/{series}/{sop_instance}.dcm"
 
 
+def manifest_key(prefix: str, study: str) -> str:
+    """``{prefix}{Study}/study.json``: the study's manifest."""
+    if not is_safe_uid(study):
+        raise ValueError(f"unsafe UID for a key: {study!r:.80}")
+    return f"{normalize_prefix(prefix)}{study}/study.json"
+
+
+def archive_prefix(archive_url: str) -> str:
+    """The key prefix inside the archive ``INGEST_ARCHIVE_URL`` names (``s3://BUCKET/PREFIX``;
+    a directory archive has none)."""
+    return archive_url.partition("://")[2].partition("/")[2] if archive_url.startswith(
+        "s3://") else ""
+
+
 def quarantine_keys(prefix: str, receipt_id: str) -> tuple[str, str]:
     """The object key and the reason key of a quarantined receipt."""
     base = f"{normalize_prefix(prefix)}quarantine/{receipt_id}"

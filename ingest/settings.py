@@ -18,6 +18,8 @@ _SPOOL_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 LOG_FORMATS = ("text", "json")
 #: the catalog's URL schemes (``postgresql://`` goes to the psycopg 3 driver)
 CATALOG_SCHEMES = ("sqlite", "postgresql", "postgres", "postgresql+psycopg")
+#: where the study event task (INGEST_ON_STUDY_TASK) goes unless INGEST_ON_STUDY_QUEUE says
+DEFAULT_STUDY_QUEUE = "dicom-ingest-events"
 
 
 class SettingsError(ValueError):
@@ -81,6 +83,13 @@ class Settings:
     #: postgresql://USER:PASS@HOST:PORT/DB or sqlite:///PATH; "": SQLite at
     #: ./data/catalog.sqlite (:func:`ingest.catalog.catalog_url`)
     catalog_url: str = field(default="", repr=False)
+    #: a study with no newly archived instance for this long, and none pending, is stable
+    study_stable_seconds: float = 60.0
+    #: POST each study event here (a URL may carry a token: kept out of repr)
+    on_study_webhook: str = field(default="", repr=False)
+    webhook_secret: str = field(default="", repr=False)  # HMAC-SHA256 key of the webhook body
+    on_study_task: str = ""  # a Celery task sent by name for each study event
+    on_study_queue: str = DEFAULT_STUDY_QUEUE
 
     @property
     def entries_dir(self) -> Path:
@@ -283,6 +292,18 @@ def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Sett
         values["flower_basic_auth"] = v
     if (v := get("CATALOG_URL")) is not None:
         values["catalog_url"] = v
+    if (v := get("STUDY_STABLE_SECONDS")) is not None:
+        values["study_stable_seconds"] = _float("STUDY_STABLE_SECONDS", v)
+    if (v := get("ON_STUDY_WEBHOOK")) is not None:
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise SettingsError(f"{PREFIX}ON_STUDY_WEBHOOK: expected an http:// or https:// URL")
+        values["on_study_webhook"] = v
+    if (v := get("WEBHOOK_SECRET")) is not None:
+        values["webhook_secret"] = v
+    if (v := get("ON_STUDY_TASK")) is not None:
+        values["on_study_task"] = v.strip()
+    if (v := get("ON_STUDY_QUEUE")) is not None:
+        values["on_study_queue"] = v.strip()
     values.update({k: v for k, v in overrides.items() if v is not None})
     if values.get("catalog_url"):
         _catalog_url(values["catalog_url"])
@@ -341,6 +362,11 @@ def environment(settings: Settings) -> dict[str, str]:
         "FLOWER_PORT": str(settings.flower_port),
         "FLOWER_BASIC_AUTH": settings.flower_basic_auth,
         "CATALOG_URL": settings.catalog_url,
+        "STUDY_STABLE_SECONDS": str(settings.study_stable_seconds),
+        "ON_STUDY_WEBHOOK": settings.on_study_webhook,
+        "WEBHOOK_SECRET": settings.webhook_secret,
+        "ON_STUDY_TASK": settings.on_study_task,
+        "ON_STUDY_QUEUE": settings.on_study_queue,
     }
     return {PREFIX + k: v for k, v in env.items()}
 

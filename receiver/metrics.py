@@ -27,6 +27,7 @@ class ReceiverMetrics:
     spool_oldest: Gauge
     processes: Gauge
     commitment: CommitmentCounters
+    studies: StudyCounters
 
     def __init__(self) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -76,6 +77,12 @@ class ReceiverMetrics:
             Counter("dicom_ingest_commitment_expired",
                     "Storage commitment reports given up after INGEST_COMMITMENT_EXPIRY",
                     registry=r))
+        self.studies = StudyCounters(
+            Counter("dicom_ingest_studies_stabilised",
+                    "Studies that became stable (one per event: a revision)", registry=r),
+            Gauge("dicom_ingest_study_events_pending",
+                  "Study events in the outbox not delivered yet", registry=r,
+                  multiprocess_mode="livemax"))
 
     def spool_counted(self, depth: int, oldest_age: float) -> None:
         """The spool monitor's latest count."""
@@ -102,3 +109,16 @@ class CommitmentCounters:
 
     def expired(self) -> None:
         self._expirations.inc()
+
+
+class StudyCounters:
+    """The stabiliser's metrics (:class:`receiver.stabiliser.StudyMetrics`)."""
+
+    def __init__(self, stabilised: Counter, pending: Gauge) -> None:
+        self._stabilised, self._pending = stabilised, pending
+
+    def stabilised(self) -> None:
+        self._stabilised.inc()
+
+    def pending(self, count: int) -> None:
+        self._pending.set(count)

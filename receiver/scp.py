@@ -37,18 +37,21 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ingest import metrics as summed_metrics
-from ingest.broker import make_celery, publish, queue_length
+from ingest.broker import make_celery, publish, publish_event, queue_length
 from ingest.catalog import Catalog, catalog_url
+from ingest.keys import archive_prefix
 from ingest.messages import queue_for
 from ingest.settings import Settings, environment, receiver_processes, redact_url
 from ingest.spool import Spool, TempFilePool
 from ingest.stopsignals import StopSignals
+from ingest.studies import Studies
 from receiver import commitment, fastpath, internals, limits, reactors, streams
 from receiver.associations import AssociationContext, on_accepted, on_ended, on_rejected
 from receiver.handlers import StoreContext, handle_echo, handle_store
 from receiver.metrics import ReceiverMetrics
 from receiver.monitor import SpoolMonitor
 from receiver.publisher import Publisher
+from receiver.stabiliser import Stabiliser
 from receiver.sweeper import PeriodicSweeper
 
 log = logging.getLogger("dicom_ingest.receiver")
@@ -167,8 +170,8 @@ def build_ae(settings: Settings) -> AE:
 
 
 class Lookups:
-    """The catalog, opened at its first use by the committer (not at start: a database that
-    is down must not keep the receiver from taking C-STOREs)."""
+    """The catalog, opened at its first use by the committer or the stabiliser (not at start:
+    a database that is down must not keep the receiver from taking C-STOREs)."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -239,6 +242,7 @@ class Receiver:
     metrics: ReceiverMetrics
     spool: Spool
     committer: commitment.Committer
+    stabiliser: Stabiliser
 
     @property
     def port(self) -> int:
@@ -262,6 +266,7 @@ class Receiver:
                         str(assoc.requestor.ae_title).strip())
             assoc.abort()
         self.sweeper.stop()
+        self.stabiliser.stop()
         self.committer.stop()
         self.monitor.stop()
         self.publisher.stop()
@@ -314,6 +319,13 @@ def start(settings: Settings, listen_fd: int | None = None,
         settings.commitment_peers, settings.commitment_timeout, settings.commitment_expiry,
         commitment.send_on_new_association)
     committer.start()
+    studies_catalog = Lookups(catalog_url(settings))
+    stabiliser = Stabiliser(
+        spool, settings.spool_id, lambda: Studies(studies_catalog()),
+        lambda event_id: publish_event(app, queue, event_id), settings.study_stable_seconds,
+        archive_prefix(settings.archive_url), metrics.studies)
+    if settings.receiver_index == 0:  # one per spool is enough; more would only race
+        stabiliser.start()
     handlers: list[Any] = [
         (evt.EVT_CONN_OPEN, _daemon_dul),
         (evt.EVT_C_STORE, handle_store, [context]),  # what the fast path leaves to pynetdicom
@@ -342,7 +354,7 @@ def start(settings: Settings, listen_fd: int | None = None,
                                  evt_handlers=handlers, ssl_context=tls_context(settings))
     server.contexts = SharedContexts(server.contexts)
     receiver = Receiver(settings, server, publisher, sweeper, monitor, metrics, spool,
-                        committer)
+                        committer, stabiliser)
     log.info("receiver %s listening on %s:%d%s (process %d of %d), spool %s, broker %s",
              settings.ae_title, settings.host, receiver.port,
              " (TLS)" if settings.tls_cert else "", settings.receiver_index + 1,

@@ -13,11 +13,15 @@ from celery.worker import state
 from kombu import Queue  # type: ignore[attr-defined]
 
 from ingest.broker import archive_queue, make_celery
+from ingest.catalog import catalog_url
 from ingest.messages import QUEUE
 from ingest.metrics import summed
 from ingest.settings import Settings, usable_cores
 from ingest.stopsignals import STOP_SIGNALS, ignore_stop_signals
 from workers import tasks
+from workers.archive import open_archive
+from workers.events import Announcer
+from workers.inventory import CatalogLink
 from workers.pipeline import Pipeline
 
 log = logging.getLogger("dicom_ingest.worker")
@@ -44,7 +48,22 @@ def create_app(settings: Settings) -> Celery:
     app.conf.task_queues = (Queue(own), Queue(QUEUE))  # type: ignore[no-untyped-call]
     app.conf.task_default_queue = own
     tasks.register(app, lambda: Pipeline.from_settings(settings), settings.task_max_retries)
+    tasks.register_events(app, lambda app: announcer(app, settings))
     return app
+
+
+def announcer(app: Celery, settings: Settings) -> Announcer:
+    """The study events' deliverer ``settings`` describe, sending hook tasks with ``app``."""
+    archive, _ = open_archive(settings)
+
+    def send_task(name: str, args: list[Any], queue: str) -> None:
+        app.send_task(name, args=args, queue=queue, retry=True,
+                      retry_policy={"max_retries": 2, "interval_start": 0.5})
+
+    return Announcer(archive, CatalogLink(catalog_url(settings)),
+                     webhook=settings.on_study_webhook, secret=settings.webhook_secret,
+                     task_name=settings.on_study_task, task_queue=settings.on_study_queue,
+                     send_task=send_task)
 
 
 class WarmStopSignals(bootsteps.StartStopStep):  # type: ignore[misc]

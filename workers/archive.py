@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol, TypeVar
 from urllib.parse import urlparse
 
+from ingest.keys import archive_prefix
 from ingest.settings import Settings
 from ingest.spool import file_digest, fsync_dir
 from workers.errors import ConfigurationError, TransientError
@@ -130,7 +131,7 @@ def open_archive(settings: Settings) -> tuple[Archive, str]:
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise ValueError(f"INGEST_ARCHIVE_URL={url!r}: s3:// needs a bucket name")
-        return S3Archive(settings, parsed.netloc), parsed.path.lstrip("/")
+        return S3Archive(settings, parsed.netloc), archive_prefix(url)
     if parsed.scheme == "file":
         return LocalArchive(Path(parsed.path)), ""
     if parsed.scheme:

@@ -6,10 +6,11 @@ from __future__ import annotations
 class PermanentError(Exception):
     """The object itself is bad; retrying cannot help. It goes to quarantine with ``code``."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, study_uid: str = "") -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.study_uid = study_uid  # when the dataset named a valid one
 
 
 class TransientError(Exception):

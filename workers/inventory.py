@@ -85,7 +85,8 @@ def quarantine_row(key: str, size: int, sha256: str, record: Mapping[str, Any]) 
     receipt = record["receipt"]
     return Row(
         sop_instance_uid=str(receipt["sop_instance_uid"]),
-        sop_class_uid=str(receipt["sop_class_uid"]), study_uid="", series_uid="", key=key,
+        sop_class_uid=str(receipt["sop_class_uid"]),
+        study_uid=str(record.get("study_uid") or ""), series_uid="", key=key,
         size=size, sha256=sha256, transfer_syntax=str(receipt["transfer_syntax"]),
         calling_aet=str(receipt["calling_aet"]), receipt_id=str(receipt["receipt_id"]),
         received_at=float(receipt["received_at"]), archived_at=None, state=QUARANTINED,
@@ -106,9 +107,20 @@ class CatalogLink:
             self._catalog = Catalog.open(self.url)
         return self._catalog
 
+    def catalog(self) -> Catalog:
+        """The catalog itself (CatalogError when it cannot be reached)."""
+        return self._open()
+
     def record(self, row: Row) -> None:
         try:
             self._open().record(row)
+        except CatalogError as exc:
+            raise TransientError(str(exc)) from exc
+
+    def record_archived(self, row: Row) -> None:
+        """The row of a newly archived instance, its study opened or re-opened with it."""
+        try:
+            self._open().record_archived(row)
         except CatalogError as exc:
             raise TransientError(str(exc)) from exc
 

@@ -28,6 +28,13 @@ def get() -> dict[str, Any]:
             "dicom_ingest_quarantined", "Objects quarantined, by reason", ["reason"])
         _metrics["retries"] = Counter(
             "dicom_ingest_task_retries", "Tasks retried after a transient failure")
+        _metrics["events_delivered"] = Counter(
+            "dicom_ingest_study_events_delivered",
+            "Study event steps done, by target: manifest (written), webhook (answered 2xx), "
+            "task (queued)", ["target"])
+        _metrics["event_failures"] = Counter(
+            "dicom_ingest_study_event_failures",
+            "Study event steps that failed and wait in the outbox, by target", ["target"])
         _metrics["latency"] = Histogram(
             "dicom_ingest_receive_to_archive_seconds",
             "From the receiver's receipt to the verified archive write",

@@ -67,6 +67,7 @@ class Pipeline:
                 return Outcome.GONE
             attempt = self.spool.begin_attempt(receipt_id)
             reason: str | None = None
+            study = ""  # known once the dataset is decoded: a quarantine record names it
             try:
                 if attempt > self.max_attempts:
                     raise PermanentError(
@@ -74,9 +75,10 @@ class Pipeline:
                         f"{attempt - 1} attempts at this object never finished (a worker "
                         f"crashed or was killed while handling it)")
                 instance = inspect(self.spool.dcm_path(receipt_id), receipt)
+                study = instance.study_uid
                 outcome = self._archive(receipt, instance)
             except PermanentError as exc:
-                self._quarantine(receipt, exc)
+                self._quarantine(receipt, exc, exc.study_uid or study)
                 outcome, reason = Outcome.QUARANTINED, exc.code
             except TransientError:
                 self.spool.end_attempt(receipt_id)  # it ended; storage was the problem
@@ -123,11 +125,13 @@ class Pipeline:
         return Outcome.ARCHIVED
 
     def _catalogue(self, stored: StoredObject) -> None:
-        """The catalog row of the instance archived as ``stored`` (its key and metadata)."""
+        """The catalog row of the instance archived as ``stored`` (its key and metadata), new
+        to the catalog: its study is opened, or re-opened after its event, in the same
+        transaction (an identical resend never gets here: it has its row already)."""
         row = instance_row(stored, self.prefix)
         if self.catalog is None or row is None:
             return
-        self.catalog.record(row)
+        self.catalog.record_archived(row)
 
     def _duplicate(self, key: str, existing: StoredObject, receipt: Receipt,
                    sha256: str) -> str | None:
@@ -175,14 +179,16 @@ class Pipeline:
             ours = dataset_identity(fh, receipt.dataset_offset, receipt.transfer_syntax)
         return ours == theirs
 
-    def _quarantine(self, receipt: Receipt, exc: PermanentError) -> None:
+    def _quarantine(self, receipt: Receipt, exc: PermanentError, study: str = "") -> None:
         data_key, reason_key = quarantine_keys(self.prefix, receipt.receipt_id)
-        reason = {
+        reason: dict[str, object] = {
             "reason": exc.code,
             "message": exc.message,
             "quarantined_at": time.time(),
             "receipt": asdict(receipt),
         }
+        if study:  # the dataset named it (not for what could not be decoded)
+            reason["study_uid"] = study
         # the object as it is now, which is not what the receipt says when the reason is a
         # checksum mismatch: the receipt's own size and sha256 are in the reason record
         size, sha256 = file_digest(self.spool.dcm_path(receipt.receipt_id))  # OSError: retry

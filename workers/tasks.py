@@ -11,10 +11,17 @@ from typing import Any
 
 from celery import Celery
 
-from ingest.messages import ARCHIVE_TASK, MessageError, check_receipt_id
+from ingest.messages import (
+    ARCHIVE_TASK,
+    STUDY_EVENT_TASK,
+    MessageError,
+    check_event_id,
+    check_receipt_id,
+)
 from ingest.spool import Receipt
 from workers import metrics
 from workers.errors import ConfigurationError, TransientError
+from workers.events import Announcer
 from workers.pipeline import Outcome, Pipeline
 
 log = logging.getLogger("dicom_ingest.worker")
@@ -93,3 +100,39 @@ def register(app: Celery, make_pipeline: Callable[[], Pipeline], max_retries: in
             metrics.get()["errors"].labels("unexpected").inc()
             log.exception("receipt=%s unexpected error; the entry stays in the spool", rid)
             raise
+
+
+def observe_event(target: str, ok: bool) -> None:
+    """Count a study event's delivery steps (per pool process; summed by /metrics)."""
+    m = metrics.get()
+    (m["events_delivered"] if ok else m["event_failures"]).labels(target).inc()
+
+
+def register_events(app: Celery, make_announcer: Callable[[Celery], Announcer]) -> None:
+    """Add the study event task to ``app``. It is not retried by Celery: a failed attempt is
+    written to the outbox with its next time, and the receiver's stabiliser sends the event
+    again then (so an attempt lost with Redis, or a worker killed mid-way, is tried again
+    too)."""
+    cache: dict[int, Announcer] = {}
+
+    def announcer() -> Announcer:
+        pid = os.getpid()
+        if pid not in cache:
+            cache.clear()
+            cache[pid] = make_announcer(app)
+            cache[pid].observer = observe_event
+        return cache[pid]
+
+    @app.task(  # type: ignore[untyped-decorator]
+        name=STUDY_EVENT_TASK, shared=False, acks_late=True, reject_on_worker_lost=True)
+    def study_event(event_id: object) -> str:
+        try:
+            eid = check_event_id(event_id)
+        except MessageError as exc:
+            log.error("dropping a malformed message: %s", exc)
+            return "malformed"
+        try:
+            return announcer().deliver(eid)
+        except TransientError as exc:  # the catalog is down: the outbox sends it again
+            log.warning("study event=%s: %s; it stays in the outbox", eid, exc)
+            return "catalog-down"

@@ -62,12 +62,14 @@ def inspect(path: Path, receipt: Receipt) -> Instance:
             errors.UID_MISMATCH,
             f"the dataset's SOPInstanceUID {uids['SOPInstanceUID']} differs from the "
             f"request's {receipt.sop_instance_uid!r:.80}",
+            study_uid=uids["StudyInstanceUID"],
         )
     if uids["SOPClassUID"] != receipt.sop_class_uid:
         raise PermanentError(
             errors.UID_MISMATCH,
             f"the dataset's SOPClassUID {uids['SOPClassUID']} differs from the "
             f"request's {receipt.sop_class_uid!r:.80}",
+            study_uid=uids["StudyInstanceUID"],
         )
     return Instance(
         study_uid=uids["StudyInstanceUID"],

@@ -1,0 +1,108 @@
+"""The stabiliser: finds studies that have become stable, puts their events in the outbox, and
+sends due events to the workers. One thread in the first receiver process of each spool.
+
+A study is stable when it has had no newly archived instance for ``INGEST_STUDY_STABLE_SECONDS``
+and none of its instances can still be in a spool. A receipt does not name its study (the
+receiver never decodes), so the rule is conservative: every spool reports a watermark, the
+receive time of its oldest entry (or now), and a study whose last archive was at ``T`` waits
+until every live spool's watermark is past ``T + INGEST_STUDY_STABLE_SECONDS``: an entry
+received before then, of whatever study, holds it back until a worker has finished it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ingest.catalog import CatalogError
+from ingest.spool import Spool
+from ingest.studies import RENAME_MARGIN, Studies
+
+log = logging.getLogger("dicom_ingest.studies")
+
+
+class StudyMetrics(Protocol):
+    def stabilised(self) -> None: ...
+
+    def pending(self, count: int) -> None: ...
+
+
+@dataclass
+class PassResult:
+    stabilised: list[str] = field(default_factory=list)  # event ids made
+    sent: int = 0  # events sent to the workers
+    pending: int = 0  # events not delivered yet
+
+
+def interval(stable_seconds: float) -> float:
+    """Seconds between passes: a quarter of the stable time, between 0.2 and 5."""
+    return max(0.2, min(5.0, stable_seconds / 4))
+
+
+class Stabiliser:
+    """:meth:`once` every :func:`interval` seconds on a daemon thread."""
+
+    def __init__(self, spool: Spool, spool_id: str, studies: Callable[[], Studies],
+                 publish: Callable[[str], None], stable_seconds: float, prefix: str,
+                 metrics: StudyMetrics | None = None) -> None:
+        self.spool, self.spool_id = spool, spool_id
+        self._studies, self._publish = studies, publish
+        self.stable_seconds, self.prefix = stable_seconds, prefix
+        self.metrics = metrics
+        self.interval = interval(stable_seconds)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stabiliser", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.once()
+            except CatalogError as exc:
+                log.warning("studies: %s; the studies and their events wait", exc)
+            except Exception:  # the catalog is down, say: the studies and events wait there
+                log.exception("studies: a pass failed; trying again")
+
+    def once(self, now: float | None = None) -> PassResult:
+        now = time.time() if now is None else now
+        result = PassResult()
+        studies = self._studies()
+        # the watermark: what this spool held a moment ago (a receipt id's time is taken
+        # just before its entry appears, so a little margin)
+        _, oldest = self.spool.census()
+        clear_before = now - RENAME_MARGIN if oldest is None else min(oldest, now - RENAME_MARGIN)
+        studies.report_spool(self.spool_id, clear_before, now)
+        cutoff = studies.cutoff(now, self.stable_seconds)
+        for study_uid in studies.quiet(cutoff):
+            event = studies.stabilise(study_uid, cutoff, now, self.prefix)
+            if event is None:
+                continue  # another stabiliser won, or an instance came meanwhile
+            result.stabilised.append(event.event_id)
+            if self.metrics is not None:
+                self.metrics.stabilised()
+            log.info("study stable event=%s %s", event.event_id, event.payload)
+        for event_id in studies.due(now):
+            if not studies.lease(event_id, now):
+                continue
+            try:
+                self._publish(event_id)
+            except Exception as exc:  # the broker is down: the outbox keeps it
+                log.warning("studies: sending event=%s failed (%s); trying again", event_id, exc)
+                studies.defer(event_id, now + self.interval)
+                break
+            result.sent += 1
+        result.pending = studies.pending_count()
+        if self.metrics is not None:
+            self.metrics.pending(result.pending)
+        return result
