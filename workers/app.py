@@ -48,17 +48,21 @@ def create_app(settings: Settings) -> Celery:
     app.conf.task_queues = (Queue(own), Queue(QUEUE))  # type: ignore[no-untyped-call]
     app.conf.task_default_queue = own
     tasks.register(app, lambda: Pipeline.from_settings(settings), settings.task_max_retries)
-    tasks.register_events(app, lambda app: announcer(app, settings))
+    tasks.register_events(app, lambda: announcer(settings))
     return app
 
 
-def announcer(app: Celery, settings: Settings) -> Announcer:
-    """The study events' deliverer ``settings`` describe, sending hook tasks with ``app``."""
+def announcer(settings: Settings) -> Announcer:
+    """The study events' deliverer ``settings`` describe."""
     archive, _ = open_archive(settings)
+    # hook tasks go out through an app of their own: Celery adds a queue an app sends to
+    # to that app's queues, and a worker that consumes all of its app's queues could then
+    # take the hospital's tasks, which it does not know, from INGEST_ON_STUDY_QUEUE
+    hooks = make_celery(settings, "dicom-ingest-hooks")
 
     def send_task(name: str, args: list[Any], queue: str) -> None:
-        app.send_task(name, args=args, queue=queue, retry=True,
-                      retry_policy={"max_retries": 2, "interval_start": 0.5})
+        hooks.send_task(name, args=args, queue=queue, retry=True,
+                        retry_policy={"max_retries": 2, "interval_start": 0.5})
 
     return Announcer(archive, CatalogLink(catalog_url(settings)),
                      webhook=settings.on_study_webhook, secret=settings.webhook_secret,

@@ -108,7 +108,7 @@ def observe_event(target: str, ok: bool) -> None:
     (m["events_delivered"] if ok else m["event_failures"]).labels(target).inc()
 
 
-def register_events(app: Celery, make_announcer: Callable[[Celery], Announcer]) -> None:
+def register_events(app: Celery, make_announcer: Callable[[], Announcer]) -> None:
     """Add the study event task to ``app``. It is not retried by Celery: a failed attempt is
     written to the outbox with its next time, and the receiver's stabiliser sends the event
     again then (so an attempt lost with Redis, or a worker killed mid-way, is tried again
@@ -119,7 +119,7 @@ def register_events(app: Celery, make_announcer: Callable[[Celery], Announcer]) 
         pid = os.getpid()
         if pid not in cache:
             cache.clear()
-            cache[pid] = make_announcer(app)
+            cache[pid] = make_announcer()
             cache[pid].observer = observe_event
         return cache[pid]
 
