@@ -60,7 +60,7 @@ class Row:
             self.keys = {key_of(p) for p in acked}
         if self.listing is None:
             return
-        listed = list(self.listing())
+        listed = [k for k in self.listing() if not k.endswith("/study.json")]  # manifests
         good = {k for k in listed if not k.startswith("quarantine/")}
         self.archived = len([k for k in listed if not k.startswith("quarantine/")])
         self.quarantined = len([k for k in listed

@@ -459,3 +459,57 @@ def test_same_instance_sent_twice(row: Row, pipeline: Pipeline, tmp_path: Path) 
     assert_invariant(pipeline, files)
     assert len(objects_under(pipeline.archive)) == 5
     row.fault = "each instance received twice"
+
+
+def test_webhook_target_down_for_a_while(row: Row, tmp_path: Path, redis_url: str) -> None:
+    """The webhook's target refuses connections while studies arrive and become stable: their
+    events wait in the outbox, retried with backoff; once it answers, every study is
+    announced, each id with one body, its counts those of what was acked, none dropped."""
+    from pydicom.uid import generate_uid
+
+    from ingest.catalog import Catalog
+    from ingest.studies import Studies
+    from tests.processes import start_pipeline
+    from tests.support.consumers import WebhookServer
+
+    row.scenario = "webhook target down, then back"
+    hook = WebhookServer()  # not started: its port refuses connections
+    studies_sent = {}
+    files: list[Path] = []
+    for s in range(4):
+        study = generate_uid()
+        studies_sent[study] = 3
+        for n in range(3):
+            files.append(tmp_path / "in" / f"{s}-{n}.dcm")
+            files[-1].parent.mkdir(exist_ok=True)
+            make_instance(files[-1], study=study)
+    with start_pipeline(tmp_path, redis_url, study_stable_seconds=1.5,
+                        on_study_webhook=hook.url, webhook_secret="k") as pipeline:
+        stream = Stream(pipeline.port, files).start()
+        row.watch(stream, pipeline)
+        row.listing = lambda: objects_under(pipeline.archive)
+        stream.wait()
+        assert len(stream.acked) == len(files)
+        catalog = Catalog.open(pipeline.settings.catalog_url)
+        try:
+            studies = Studies(catalog)
+            wait_for(lambda: studies.pending_count() == 4 and pipeline.log("worker").count(
+                "webhook failed") >= 8, 90, 0.2, "4 events pending, each refused twice")
+            refused = pipeline.log("worker").count("webhook failed")
+            row.fault = f"{refused} POSTs refused while down; 4 events waited in the outbox"
+            hook.start()
+            try:
+                wait_for(lambda: studies.pending_count() == 0, 120, 0.2, "every event delivered")
+            finally:
+                hook.stop()
+        finally:
+            catalog.close()
+        assert_invariant(pipeline, stream.acked)
+    delivered: dict[str, set[bytes]] = {}
+    for post in hook.posts:
+        assert post.status == 200 and post.signed_with("k")
+        delivered.setdefault(post.json["event_id"], set()).add(post.body)
+    assert sorted(delivered) == sorted(f"{study}:1" for study in studies_sent)
+    for event_id, bodies in delivered.items():
+        [body] = bodies
+        assert json.loads(body)["instances"] == studies_sent[event_id.split(":")[0]]
