@@ -165,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     find.add_argument("--json", action="store_true", help="print JSON lines")
     _catalog(find)
 
+    studies = sub.add_parser("studies", help="list the studies last received: open or stable, "
+                             "revision, counts, and whether their event was delivered")
+    studies.add_argument("--limit", type=_count, default=50, help="at most this many (50)")
+    studies.add_argument("--json", action="store_true", help="print JSON lines")
+    _catalog(studies)
+
     catalog = sub.add_parser("catalog", help="maintain the catalog")
     csub = catalog.add_subparsers(dest="action", required=True, metavar="ACTION")
     rebuild = csub.add_parser("rebuild", help="rebuild the catalog from the archive's keys "
@@ -277,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         return tools.find(settings, as_json=args.json, limit=args.limit, study=args.study,
                           series=args.series, sop=args.sop, calling_aet=args.calling_aet,
                           since=args.since)
+    if command == "studies":
+        from dicom_ingest import tools
+
+        return tools.studies(settings, as_json=args.json, limit=args.limit)
     if command == "catalog":
         from dicom_ingest import tools
 

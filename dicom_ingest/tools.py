@@ -1,4 +1,5 @@
-"""Operator commands: sweep, echo, status, quarantine list and replay, find and catalog rebuild.
+"""Operator commands: sweep, echo, status, quarantine list and replay, find, studies and catalog
+rebuild.
 They use both sides (the receiver's sweep pass, the workers' archive and quarantine), as only
 this layer may."""
 
@@ -210,6 +211,38 @@ def find(settings: Settings, as_json: bool, limit: int | None = None,
         print(f"{when:20} {r.state:11} {r.calling_aet:16} {r.size:10d}  "
               f"{r.sop_instance_uid[:64]:64} {r.key}" + (f" ({r.reason})" if r.reason else ""))
     print(f"{len(rows)} found")
+    return 0
+
+
+def studies(settings: Settings, as_json: bool, limit: int = 50) -> int:
+    """The studies last received, newest first, with their state and latest event."""
+    from ingest.studies import Studies
+
+    try:
+        catalog = Catalog.open(catalog_url(settings))
+        try:
+            found = Studies(catalog).recent(limit)
+            pending = Studies(catalog).pending_count()
+        finally:
+            catalog.close()
+    except CatalogError as exc:
+        print(f"dicom-ingest: {exc}", file=sys.stderr)
+        return 1
+    if as_json:
+        for s in found:
+            print(json.dumps(asdict(s)))
+        return 0
+    if not found:
+        print("no studies yet")
+        return 0
+    print(f"{'last received (UTC)':20} {'state':7} {'rev':>4} {'series':>6} {'inst':>6} "
+          f"{'event':10} Study Instance UID")
+    for s in found:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(s.last_received_at))
+        print(f"{when:20} {s.state:7} {s.revision:4d} {s.series:6d} {s.instances:6d} "
+              f"{s.event:10} {s.study_uid}" + (f" ({s.last_error})" if s.event == "pending"
+                                               and s.last_error else ""))
+    print(f"{len(found)} studies; {pending} event(s) not delivered yet")
     return 0
 
 

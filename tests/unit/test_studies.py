@@ -215,3 +215,22 @@ def test_delivery_retries_until_done_and_repeats_no_step(catalog: Catalog,
     assert done is not None and done.delivered_at is not None and done.attempts == 3
     manifest = json.loads((archive_root / STUDY / "study.json").read_text())
     assert manifest["revision"] == 1 and manifest["counts"]["instances"] == 1
+
+
+def test_the_studies_command(catalog: Catalog, capsys: pytest.CaptureFixture[str]) -> None:
+    from dicom_ingest.cli import main
+
+    catalog.record_archived(row(1), now=T0)
+    catalog.record_archived(row(2, series="1.2.3.7"), now=T0)
+    studies = Studies(catalog)
+    assert studies.stabilise(STUDY, T0, T0 + 60, "") is not None
+    assert main(["studies", "--json", "--catalog", catalog.url]) == 0
+    [line] = capsys.readouterr().out.splitlines()
+    shown = json.loads(line)
+    assert {k: shown[k] for k in ("study_uid", "state", "revision", "series", "instances",
+                                  "event_id", "event")} == {
+        "study_uid": STUDY, "state": "stable", "revision": 1, "series": 2, "instances": 2,
+        "event_id": f"{STUDY}:1", "event": "pending"}
+    assert main(["studies", "--catalog", catalog.url]) == 0
+    table = capsys.readouterr().out
+    assert STUDY in table and "pending" in table and "1 event(s) not delivered yet" in table
