@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import Any, TypeVar
 
 from ingest.broker import archive_queue, make_celery, publish, queue_length
 from ingest.catalog import Catalog, CatalogError, catalog_url
@@ -17,6 +18,8 @@ from ingest.keys import quarantine_keys
 from ingest.scu import associate
 from ingest.settings import Settings, redact_url
 from ingest.spool import Spool
+
+T = TypeVar("T")
 
 
 def sweep(settings: Settings) -> int:
@@ -188,21 +191,10 @@ def quarantine_replay(settings: Settings, ids: list[str], replay_all: bool) -> i
 def find(settings: Settings, as_json: bool, limit: int | None = None,
          **filters: Any) -> int:
     """List catalog rows (``filters``: those of :meth:`Catalog.find`)."""
-    try:
-        catalog = Catalog.open(catalog_url(settings))
-        try:
-            rows = catalog.find(limit=limit, **filters)
-        finally:
-            catalog.close()
-    except CatalogError as exc:
-        print(f"dicom-ingest: {exc}", file=sys.stderr)
+    rows = _read_catalog(settings, lambda catalog: catalog.find(limit=limit, **filters))
+    if rows is None:
         return 1
-    if as_json:
-        for r in rows:
-            print(json.dumps(asdict(r)))
-        return 0
-    if not rows:
-        print("no instances found")
+    if _printed_plainly(rows, as_json, "no instances found"):
         return 0
     print(f"{'received (UTC)':20} {'state':11} {'sender':16} {'bytes':>10}  "
           f"{'SOP Instance UID':64} key")
@@ -218,22 +210,12 @@ def studies(settings: Settings, as_json: bool, limit: int = 50) -> int:
     """The studies last received, newest first, with their state and latest event."""
     from ingest.studies import Studies
 
-    try:
-        catalog = Catalog.open(catalog_url(settings))
-        try:
-            found = Studies(catalog).recent(limit)
-            pending = Studies(catalog).pending_count()
-        finally:
-            catalog.close()
-    except CatalogError as exc:
-        print(f"dicom-ingest: {exc}", file=sys.stderr)
+    read = _read_catalog(settings, lambda catalog: (Studies(catalog).recent(limit),
+                                                    Studies(catalog).pending_count()))
+    if read is None:
         return 1
-    if as_json:
-        for s in found:
-            print(json.dumps(asdict(s)))
-        return 0
-    if not found:
-        print("no studies yet")
+    found, pending = read
+    if _printed_plainly(found, as_json, "no studies yet"):
         return 0
     print(f"{'last received (UTC)':20} {'state':7} {'rev':>4} {'series':>6} {'inst':>6} "
           f"{'event':10} Study Instance UID")
@@ -244,6 +226,32 @@ def studies(settings: Settings, as_json: bool, limit: int = 50) -> int:
                                                and s.last_error else ""))
     print(f"{len(found)} studies; {pending} event(s) not delivered yet")
     return 0
+
+
+def _read_catalog(settings: Settings, read: Callable[[Catalog], T]) -> T | None:
+    """What ``read`` finds in the catalog; None (and a message) when it cannot be reached."""
+    try:
+        catalog = Catalog.open(catalog_url(settings))
+        try:
+            return read(catalog)
+        finally:
+            catalog.close()
+    except CatalogError as exc:
+        print(f"dicom-ingest: {exc}", file=sys.stderr)
+        return None
+
+
+def _printed_plainly(items: Sequence[Any], as_json: bool, none: str) -> bool:
+    """JSON lines of ``items`` (dataclasses), or ``none`` when there are none: True when
+    that was all there is to print (no table)."""
+    if as_json:
+        for item in items:
+            print(json.dumps(asdict(item)))
+        return True
+    if not items:
+        print(none)
+        return True
+    return False
 
 
 def catalog_rebuild(settings: Settings) -> int:

@@ -7,7 +7,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from celery import Celery
 
@@ -25,6 +25,7 @@ from workers.events import Announcer
 from workers.pipeline import Outcome, Pipeline
 
 log = logging.getLogger("dicom_ingest.worker")
+T = TypeVar("T")
 
 
 def backoff(retries: int) -> float:
@@ -44,18 +45,30 @@ def observe(outcome: Outcome, receipt: Receipt, reason: str | None) -> None:
         m["quarantined"].labels(reason or "unknown").inc()
 
 
-def register(app: Celery, make_pipeline: Callable[[], Pipeline], max_retries: int) -> None:
-    """Add the archive task to ``app``. The pipeline is built once per worker process
-    (after the prefork pool forks, so no connection is shared across processes)."""
-    cache: dict[int, Pipeline] = {}
+def per_process(make: Callable[[], T]) -> Callable[[], T]:
+    """``make()`` once per worker process, at its first use (after the prefork pool forked,
+    so no connection is shared across processes)."""
+    cache: dict[int, T] = {}
 
-    def pipeline() -> Pipeline:
+    def get() -> T:
         pid = os.getpid()
         if pid not in cache:
             cache.clear()
-            cache[pid] = make_pipeline()
-            cache[pid].observer = observe
+            cache[pid] = make()
         return cache[pid]
+
+    return get
+
+
+def register(app: Celery, make_pipeline: Callable[[], Pipeline], max_retries: int) -> None:
+    """Add the archive task to ``app``. The pipeline is built once per worker process
+    (after the prefork pool forks, so no connection is shared across processes)."""
+    def make() -> Pipeline:
+        made = make_pipeline()
+        made.observer = observe
+        return made
+
+    pipeline = per_process(make)
 
     @app.task(  # type: ignore[untyped-decorator]
         name=ARCHIVE_TASK,
@@ -113,15 +126,12 @@ def register_events(app: Celery, make_announcer: Callable[[], Announcer]) -> Non
     written to the outbox with its next time, and the receiver's stabiliser sends the event
     again then (so an attempt lost with Redis, or a worker killed mid-way, is tried again
     too)."""
-    cache: dict[int, Announcer] = {}
+    def make() -> Announcer:
+        made = make_announcer()
+        made.observer = observe_event
+        return made
 
-    def announcer() -> Announcer:
-        pid = os.getpid()
-        if pid not in cache:
-            cache.clear()
-            cache[pid] = make_announcer()
-            cache[pid].observer = observe_event
-        return cache[pid]
+    announcer = per_process(make)
 
     @app.task(  # type: ignore[untyped-decorator]
         name=STUDY_EVENT_TASK, shared=False, acks_late=True, reject_on_worker_lost=True)

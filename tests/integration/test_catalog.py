@@ -64,10 +64,11 @@ def test_open_creates_the_schema_and_finds_it_current(url: str) -> None:
     catalog = Catalog.open(url)
     try:
         inspector = sa.inspect(catalog.engine)
-        assert {"instances", "alembic_version"} <= set(inspector.get_table_names())
+        assert {"instances", "studies", "events", "spools", "alembic_version"} <= set(
+            inspector.get_table_names())
         with catalog.engine.connect() as connection:
             version = connection.execute(sa.text("SELECT version_num FROM alembic_version"))
-            assert version.scalar_one() == "0001"
+            assert version.scalar_one() == "0002"
         catalog.record(a_row(1))
     finally:
         catalog.close()

@@ -140,3 +140,30 @@ def test_delivery_through_real_redis_http_and_celery(
     assert hooks() == [(event.manifest_key, body)]
     manifest = json.loads((Path(settings.archive_url) / event.manifest_key).read_text())
     assert manifest["event_id"] == event.event_id and manifest["counts"]["instances"] == 2
+
+
+def test_a_catalog_of_revision_0001_is_upgraded_with_its_rows(url: str) -> None:
+    """A catalog made before study events (0001) gains their tables when opened, its rows
+    kept; its studies are not announced (nothing opened them)."""
+    import sqlalchemy as sa
+    from alembic import command
+
+    from ingest.catalog import engine_url
+    from ingest.migrations import config
+
+    engine = sa.create_engine(engine_url(url))
+    with engine.begin() as connection:
+        command.upgrade(config(connection), "0001")
+        connection.execute(sa.text(
+            "INSERT INTO instances VALUES ('k', 's', 'c', 'st', 'se', 1, 'h', 't', 'AE', 'r', "
+            "1.0, 2.0, 'archived', NULL)"))
+    engine.dispose()
+    catalog = Catalog.open(url)
+    try:
+        assert catalog.get("k") is not None
+        studies = Studies(catalog)
+        assert studies.recent() == [] and studies.pending_count() == 0
+        catalog.record_archived(row(1))
+        assert [s.study_uid for s in studies.recent()] == [row(1).study_uid]
+    finally:
+        catalog.close()

@@ -1,5 +1,7 @@
-"""Studies and their events: a row per study (open or stable, its revision), the outbox of
-study events until delivered, and each spool's watermark for the stability rule.
+"""Studies, the outbox of their events, and each spool's watermark.
+
+A row per study (open or stable, its revision), one per study event until it is delivered,
+and each spool's watermark for the stability rule.
 
 Revision ID: 0002
 Revises: 0001
