@@ -272,7 +272,7 @@ class Catalog:
         with _unreachable(self.url, "reading"), self.engine.connect() as connection:
             found = connection.execute(
                 sa.select(instances).where(instances.c.key == key)).first()
-        return None if found is None else _row(found)
+        return None if found is None else as_row(found)
 
     def by_sop(self, sop_instance_uids: Iterable[str]) -> dict[str, list[Row]]:
         """Every row of each given SOP Instance UID that has one (more than one: a versioned
@@ -285,7 +285,7 @@ class Catalog:
                          .where(instances.c.sop_instance_uid.in_(uids[start:start + _CHUNK]))
                          .order_by(instances.c.received_at, instances.c.key))
                 for raw in connection.execute(query):
-                    row = _row(raw)
+                    row = as_row(raw)
                     found.setdefault(row.sop_instance_uid, []).append(row)
         return found
 
@@ -306,7 +306,7 @@ class Catalog:
         if limit is not None:
             query = query.limit(limit)
         with _unreachable(self.url, "reading"), self.engine.connect() as connection:
-            return [_row(raw) for raw in connection.execute(query)]
+            return [as_row(raw) for raw in connection.execute(query)]
 
     def keys(self) -> set[str]:
         """The key of every row."""
@@ -325,7 +325,8 @@ class Catalog:
         return removed
 
 
-def _row(raw: Any) -> Row:
+def as_row(raw: Any) -> Row:
+    """A :class:`Row` from a result row of ``instances``."""
     return Row(**{name: getattr(raw, name) for name in _FIELDS})
 
 

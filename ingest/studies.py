@@ -26,6 +26,7 @@ from ingest.catalog import (
     STABLE,
     Catalog,
     Row,
+    as_row,
     events,
     instances,
     spools,
@@ -201,9 +202,8 @@ class Studies:
             revision = int(connection.execute(
                 sa.select(studies.c.revision).where(studies.c.study_uid == study_uid)
             ).scalar_one())
-            rows = [Row(**{name: getattr(raw, name) for name in Row.__dataclass_fields__})
-                    for raw in connection.execute(
-                        sa.select(instances).where(instances.c.study_uid == study_uid))]
+            rows = [as_row(raw) for raw in connection.execute(
+                sa.select(instances).where(instances.c.study_uid == study_uid))]
             manifest = build_manifest(study_uid, revision, rows, now)
             key = manifest_key(prefix, study_uid)
             event = Event(
