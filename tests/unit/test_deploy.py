@@ -247,3 +247,12 @@ def test_grafana_dashboard_uses_real_metrics() -> None:
     # a labelled metric with no sample yet shows only its family name: allow its suffixes
     known = names | {n + s for n in names for s in ("_total", "_bucket", "_count", "_sum")}
     assert used and used <= known, used - known
+
+
+def test_the_readme_names_every_setting() -> None:
+    """The README's configuration table is the user's reference: every variable the code
+    reads is in it (but the one the receiver sets for its own extra processes)."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    missing = {name for name in known_variables() - {"INGEST_RECEIVER_INDEX"}
+               if f"`{name}`" not in readme}
+    assert not missing, sorted(missing)
