@@ -27,7 +27,6 @@ class ReceiverMetrics:
     spool_oldest: Gauge
     processes: Gauge
     commitment: CommitmentCounters
-    studies: StudyCounters
 
     def __init__(self) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -77,12 +76,6 @@ class ReceiverMetrics:
             Counter("dicom_ingest_commitment_expired",
                     "Storage commitment reports given up after INGEST_COMMITMENT_EXPIRY",
                     registry=r))
-        self.studies = StudyCounters(
-            Counter("dicom_ingest_studies_stabilised",
-                    "Studies that became stable (one per event: a revision)", registry=r),
-            Gauge("dicom_ingest_study_events_pending",
-                  "Study events in the outbox not delivered yet", registry=r,
-                  multiprocess_mode="livemax"))
 
     def spool_counted(self, depth: int, oldest_age: float) -> None:
         """The spool monitor's latest count."""
@@ -112,10 +105,19 @@ class CommitmentCounters:
 
 
 class StudyCounters:
-    """The stabiliser's metrics (:class:`receiver.stabiliser.StudyMetrics`)."""
+    """The stabiliser's metrics (:class:`receiver.stabiliser.StudyMetrics`), made in its own
+    process (the metrics directory it inherits sums them with the receiver's)."""
 
-    def __init__(self, stabilised: Counter, pending: Gauge) -> None:
-        self._stabilised, self._pending = stabilised, pending
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge
+
+        self.registry = CollectorRegistry()
+        self._stabilised = Counter("dicom_ingest_studies_stabilised",
+                                   "Studies that became stable (one per event: a revision)",
+                                   registry=self.registry)
+        self._pending = Gauge("dicom_ingest_study_events_pending",
+                              "Study events in the outbox not delivered yet",
+                              registry=self.registry, multiprocess_mode="livemax")
 
     def stabilised(self) -> None:
         self._stabilised.inc()

@@ -37,21 +37,18 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ingest import metrics as summed_metrics
-from ingest.broker import make_celery, publish, publish_event, queue_length
+from ingest.broker import make_celery, publish, queue_length
 from ingest.catalog import Catalog, catalog_url
-from ingest.keys import archive_prefix
 from ingest.messages import queue_for
 from ingest.settings import Settings, environment, receiver_processes, redact_url
 from ingest.spool import Spool, TempFilePool
 from ingest.stopsignals import StopSignals
-from ingest.studies import Studies
 from receiver import commitment, fastpath, internals, limits, reactors, streams
 from receiver.associations import AssociationContext, on_accepted, on_ended, on_rejected
 from receiver.handlers import StoreContext, handle_echo, handle_store
 from receiver.metrics import ReceiverMetrics
 from receiver.monitor import SpoolMonitor
 from receiver.publisher import Publisher
-from receiver.stabiliser import Stabiliser
 from receiver.sweeper import PeriodicSweeper
 
 log = logging.getLogger("dicom_ingest.receiver")
@@ -169,6 +166,29 @@ def build_ae(settings: Settings) -> AE:
     return ae
 
 
+class StabiliserProcess:
+    """The study stabiliser (:mod:`receiver.stabiliser`) in a process of its own: its catalog
+    work takes no CPU time or GIL from the associations."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.env = dict(os.environ) | environment(settings)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "receiver.stabiliser"],
+                                     env=self.env, stdin=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
 class Lookups:
     """The catalog, opened at its first use by the committer or the stabiliser (not at start:
     a database that is down must not keep the receiver from taking C-STOREs)."""
@@ -242,7 +262,7 @@ class Receiver:
     metrics: ReceiverMetrics
     spool: Spool
     committer: commitment.Committer
-    stabiliser: Stabiliser
+    stabiliser: StabiliserProcess
 
     @property
     def port(self) -> int:
@@ -319,11 +339,7 @@ def start(settings: Settings, listen_fd: int | None = None,
         settings.commitment_peers, settings.commitment_timeout, settings.commitment_expiry,
         commitment.send_on_new_association)
     committer.start()
-    studies_catalog = Lookups(catalog_url(settings))
-    stabiliser = Stabiliser(
-        spool, settings.spool_id, lambda: Studies(studies_catalog()),
-        lambda event_id: publish_event(app, queue, event_id), settings.study_stable_seconds,
-        archive_prefix(settings.archive_url), metrics.studies)
+    stabiliser = StabiliserProcess(settings)
     if settings.receiver_index == 0:  # one per spool is enough; more would only race
         stabiliser.start()
     handlers: list[Any] = [

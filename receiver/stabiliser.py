@@ -106,3 +106,53 @@ class Stabiliser:
         if self.metrics is not None:
             self.metrics.pending(result.pending)
         return result
+
+
+def main() -> int:
+    """The stabiliser as a process of its own, which the receiver's first process starts
+    (``python -m receiver.stabiliser``, settings in its environment): its catalog work then
+    takes no CPU time or GIL from the associations. It ends on SIGTERM or SIGINT, or when
+    the receiver that started it is gone."""
+    import os
+
+    from ingest import logs
+    from ingest.broker import archive_queue, make_celery, publish_event
+    from ingest.catalog import Catalog, catalog_url
+    from ingest.keys import archive_prefix
+    from ingest.settings import from_env
+    from ingest.stopsignals import StopSignals
+    from receiver.metrics import StudyCounters
+
+    stop = StopSignals().install()
+    settings = from_env()
+    logs.configure(settings.log_format, settings.log_level)
+    spool = Spool(settings.spool_dir)
+    queue = archive_queue(settings)
+    app = make_celery(settings, "dicom-ingest-stabiliser")
+    opened: list[Catalog] = []
+
+    def studies() -> Studies:
+        if not opened:
+            opened.append(Catalog.open(catalog_url(settings)))
+        return Studies(opened[0])
+
+    stabiliser = Stabiliser(spool, settings.spool_id or spool.identity(), studies,
+                            lambda event_id: publish_event(app, queue, event_id),
+                            settings.study_stable_seconds, archive_prefix(settings.archive_url),
+                            StudyCounters())
+    parent = os.getppid()
+    while not stop.wait(stabiliser.interval) and os.getppid() == parent:
+        try:
+            stabiliser.once()
+        except CatalogError as exc:
+            log.warning("studies: %s; the studies and their events wait", exc)
+        except Exception:  # the catalog is down, say: the studies and events wait there
+            log.exception("studies: a pass failed; trying again")
+    stop.finished()
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

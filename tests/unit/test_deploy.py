@@ -234,11 +234,12 @@ def test_keda_scales_the_workers_on_our_queue(manifests: list[dict[str, Any]]) -
 def test_grafana_dashboard_uses_real_metrics() -> None:
     import prometheus_client
 
-    from receiver.metrics import ReceiverMetrics
+    from receiver.metrics import ReceiverMetrics, StudyCounters
     from workers import metrics as worker_metrics
 
     worker_metrics.get()  # registers the workers' metrics in the default registry
-    families = [*ReceiverMetrics().registry.collect(), *prometheus_client.REGISTRY.collect()]
+    families = [*ReceiverMetrics().registry.collect(), *StudyCounters().registry.collect(),
+                *prometheus_client.REGISTRY.collect()]
     names = {s.name for f in families if f.name.startswith("dicom_ingest_")
              for s in f.samples} | {f.name for f in families}
     dashboard = json.loads((ROOT / "deploy" / "grafana" / "dicom-ingest.json").read_text())
