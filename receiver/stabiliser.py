@@ -67,12 +67,16 @@ class Stabiliser:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            try:
-                self.once()
-            except CatalogError as exc:
-                log.warning("studies: %s; the studies and their events wait", exc)
-            except Exception:  # the catalog is down, say: the studies and events wait there
-                log.exception("studies: a pass failed; trying again")
+            self.safe_once()
+
+    def safe_once(self) -> None:
+        """:meth:`once`, whose failures wait for the next pass."""
+        try:
+            self.once()
+        except CatalogError as exc:
+            log.warning("studies: %s; the studies and their events wait", exc)
+        except Exception:  # the catalog is down, say: the studies and events wait there
+            log.exception("studies: a pass failed; trying again")
 
     def once(self, now: float | None = None) -> PassResult:
         now = time.time() if now is None else now
@@ -142,12 +146,7 @@ def main() -> int:
                             StudyCounters())
     parent = os.getppid()
     while not stop.wait(stabiliser.interval) and os.getppid() == parent:
-        try:
-            stabiliser.once()
-        except CatalogError as exc:
-            log.warning("studies: %s; the studies and their events wait", exc)
-        except Exception:  # the catalog is down, say: the studies and events wait there
-            log.exception("studies: a pass failed; trying again")
+        stabiliser.safe_once()
     stop.finished()
     return 0
 
