@@ -146,7 +146,7 @@ class Crc32:
         return crc32_hex(self.value)
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path | str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -154,10 +154,10 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def create_temp(tmp_dir: Path, prefix: str = "recv-", suffix: str = ".dcm") -> TempFile:
+def create_temp(tmp_dir: Path | str, prefix: str = "recv-", suffix: str = ".dcm") -> TempFile:
     """A new empty file in ``tmp_dir``, open for writing and locked (``flock``) so that the
     sweeper leaves it alone for as long as it is open, however old it gets."""
-    path = str(tmp_dir / f"{prefix}{secrets.token_hex(8)}{suffix}")
+    path = os.path.join(tmp_dir, f"{prefix}{secrets.token_hex(8)}{suffix}")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -212,8 +212,8 @@ class TempFilePool:
     unlocked then, and it removes them later.
     """
 
-    def __init__(self, tmp_dir: Path, size: int = 16) -> None:
-        self._tmp_dir = tmp_dir
+    def __init__(self, tmp_dir: Path | str, size: int = 16) -> None:
+        self._tmp_dir = str(tmp_dir)
         self._size = size
         self._ready: collections.deque[TempFile] = collections.deque()
         self._wanted = threading.Event()
@@ -305,6 +305,11 @@ class Spool:
         self.root = root
         self.entries = root / "entries"
         self.tmp = root / "tmp"
+        # the same as strings: the C-STORE path joins names to them once per instance
+        self.entries_dir = str(self.entries)
+        self.tmp_dir = str(self.tmp)
+        self._entries_fd = -1  # entries/ kept open for its fsyncs (see :meth:`commit`)
+        self._entries_lock = threading.Lock()
         self.temp_files: TempFilePool | None = None  # the receiver's, when it runs one
 
     def ensure(self) -> None:
@@ -338,7 +343,7 @@ class Spool:
     def receipt_path(self, receipt_id: str) -> Path:
         return self.entries / f"{check_receipt_id(receipt_id)}.json"
 
-    def commit(self, received_file: Path, receipt: Receipt, fd: int = -1) -> None:
+    def commit(self, received_file: Path | str, receipt: Receipt, fd: int = -1) -> None:
         """Make one received file and its receipt durable under ``entries/``.
 
         ``received_file`` must live on the spool filesystem; its bytes need not be fsynced
@@ -352,22 +357,32 @@ class Spool:
         """
         encoded = receipt.encode()
         in_xattr = self._seal(received_file, encoded, fd)
-        dcm = self.dcm_path(receipt.receipt_id)
-        receipt_file = self.receipt_path(receipt.receipt_id)
+        name = check_receipt_id(receipt.receipt_id)
+        dcm = f"{self.entries_dir}/{name}.dcm"
+        receipt_file = f"{self.entries_dir}/{name}.json"
         try:
             if not in_xattr:
                 temp = self.temp_files.take() if self.temp_files is not None else None
-                write_durable(receipt_file, encoded, self.tmp, temp, sync=False)
+                write_durable(Path(receipt_file), encoded, self.tmp, temp, sync=False)
             os.rename(received_file, dcm)
-            fsync_dir(self.entries)
+            os.fsync(self._entries_directory())
         except BaseException:
             for path in (dcm, receipt_file):
                 with contextlib.suppress(OSError):
                     os.unlink(path)
             raise
 
+    def _entries_directory(self) -> int:
+        """``entries/``, open (once) for the fsync that makes each rename durable."""
+        if self._entries_fd < 0:
+            with self._entries_lock:
+                if self._entries_fd < 0:
+                    self._entries_fd = os.open(self.entries_dir,
+                                               os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return self._entries_fd
+
     @staticmethod
-    def _seal(path: Path, encoded: bytes, fd: int = -1) -> bool:
+    def _seal(path: Path | str, encoded: bytes, fd: int = -1) -> bool:
         """Put the receipt on the file as an attribute and fsync it; False when the
         attribute could not be set (the file is fsynced all the same)."""
         opened = fd < 0

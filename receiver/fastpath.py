@@ -23,18 +23,24 @@ fast path off.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import struct
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from receiver import internals, limits, statuses
-from receiver.handlers import Arrival, Received, StoreContext, account, hand_off, store
+from receiver.handlers import (
+    Arrival,
+    Received,
+    SpoolFull,
+    StoreContext,
+    account,
+    hand_off,
+    store,
+)
 from receiver.reactors import wait_readable
 from receiver.streams import SpoolTempFile
 
@@ -127,26 +133,42 @@ def command_pdus(context_id: int, command: bytes, max_pdu: int) -> bytes:
     return bytes(out)
 
 
+def _meta_element(number: int, vr: bytes, value: bytes) -> bytes:
+    if vr == b"OB":
+        return struct.pack("<HH2sHI", 2, number, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", 2, number, vr, len(value)) + value
+
+
+_META_VERSION = _meta_element(0x0001, b"OB", b"\x00\x01")
+
+
+def file_meta_tail(implementation_uid: bytes, implementation_version: bytes,
+                   source_ae: bytes, receiving_ae: bytes) -> bytes:
+    """The File Meta elements that are the same for every instance of an association."""
+    return b"".join((
+        _meta_element(0x0012, b"UI", _even(implementation_uid, b"\0")),
+        _meta_element(0x0013, b"SH", _even(implementation_version, b" ")),
+        _meta_element(0x0016, b"AE", _even(source_ae, b" ")),
+        _meta_element(0x0018, b"AE", _even(receiving_ae, b" ")),
+    ))
+
+
 def file_meta(sop_class: bytes, sop_instance: bytes, transfer_syntax: bytes,
               implementation_uid: bytes, implementation_version: bytes,
-              source_ae: bytes, receiving_ae: bytes) -> bytes:
-    """Preamble, ``DICM`` and the File Meta group (explicit VR little endian)."""
-    def element(number: int, vr: bytes, value: bytes) -> bytes:
-        if vr == b"OB":
-            return struct.pack("<HH2sHI", 2, number, vr, 0, len(value)) + value
-        return struct.pack("<HH2sH", 2, number, vr, len(value)) + value
-
+              source_ae: bytes, receiving_ae: bytes, tail: bytes | None = None) -> bytes:
+    """Preamble, ``DICM`` and the File Meta group (explicit VR little endian). ``tail``: the
+    :func:`file_meta_tail` of the last four arguments, where it was made already."""
+    if tail is None:
+        tail = file_meta_tail(implementation_uid, implementation_version, source_ae,
+                              receiving_ae)
     body = b"".join((
-        element(0x0001, b"OB", b"\x00\x01"),
-        element(0x0002, b"UI", _even(sop_class, b"\0")),
-        element(0x0003, b"UI", _even(sop_instance, b"\0")),
-        element(0x0010, b"UI", _even(transfer_syntax, b"\0")),
-        element(0x0012, b"UI", _even(implementation_uid, b"\0")),
-        element(0x0013, b"SH", _even(implementation_version, b" ")),
-        element(0x0016, b"AE", _even(source_ae, b" ")),
-        element(0x0018, b"AE", _even(receiving_ae, b" ")),
+        _META_VERSION,
+        _meta_element(0x0002, b"UI", _even(sop_class, b"\0")),
+        _meta_element(0x0003, b"UI", _even(sop_instance, b"\0")),
+        _meta_element(0x0010, b"UI", _even(transfer_syntax, b"\0")),
+        tail,
     ))
-    return b"\0" * 128 + b"DICM" + element(0x0000, b"UL", struct.pack("<I", len(body))) + body
+    return b"\0" * 128 + b"DICM" + _meta_element(0x0000, b"UL", struct.pack("<I", len(body))) + body
 
 
 @dataclass(frozen=True)
@@ -161,17 +183,23 @@ class _Parties:
     implementation_version: bytes
     calling_ae: bytes  # as the File Meta carries them
     called_ae: bytes
+    peer_max_pdu: int  # the longest PDU the requestor takes (0: no limit)
+    meta_tail: bytes  # the File Meta elements made of the above (:func:`file_meta_tail`)
 
     @classmethod
     def of(cls, assoc: Any) -> _Parties:
         requestor, acceptor = assoc.requestor, assoc.acceptor
         calling = str(requestor.ae_title).strip()
         called = str(acceptor.ae_title).strip()
+        implementation_uid = str(acceptor.implementation_class_uid).encode()
+        implementation_version = str(acceptor.implementation_version_name or "").encode()[:16]
+        calling_ae = calling.encode("latin-1", "replace")[:16]
+        called_ae = called.encode("latin-1", "replace")[:16]
         return cls(calling, called, f"{requestor.address}:{requestor.port}",
-                   str(acceptor.implementation_class_uid).encode(),
-                   str(acceptor.implementation_version_name or "").encode()[:16],
-                   calling.encode("latin-1", "replace")[:16],
-                   called.encode("latin-1", "replace")[:16])
+                   implementation_uid, implementation_version, calling_ae, called_ae,
+                   int(requestor.maximum_length or 0),
+                   file_meta_tail(implementation_uid, implementation_version, calling_ae,
+                                  called_ae))
 
 
 class _Store:
@@ -179,7 +207,7 @@ class _Store:
 
     def __init__(self, arrival: Arrival, context_id: int, message_id: int,
                  sop_class: bytes, sop_instance: bytes, stream: SpoolTempFile,
-                 meta_length: int) -> None:
+                 meta_length: int, gated: bool) -> None:
         self.arrival = arrival
         self.context_id = context_id
         self.message_id = message_id
@@ -187,10 +215,11 @@ class _Store:
         self.sop_instance = sop_instance
         self.stream = stream
         self.meta_length = meta_length
+        self.gated = gated  # the spool's limits were asked before the dataset arrived
 
     def received(self) -> Received:
         self.stream.finish()  # raises the first write error, if there was one
-        return Received(Path(self.stream.name), self.stream.size,
+        return Received(self.stream.name, self.stream.size,
                         self.stream.crc.hexdigest(), self.meta_length, self.stream.fd)
 
     def discard(self) -> None:
@@ -442,13 +471,14 @@ class FastPath:
         )
         meta = file_meta(sop_class, sop_instance, transfer_syntax.encode(),
                          parties.implementation_uid, parties.implementation_version,
-                         parties.calling_ae, parties.called_ae)
+                         parties.calling_ae, parties.called_ae, parties.meta_tail)
+        gated = True
         try:
             refusal = self.ctx.gate.refusal()
         except Exception:  # store() asks again, and answers for it
-            refusal = None
+            refusal, gated = None, False
         if refusal is not None:  # past a spool limit: the dataset is not written at all
-            stream = SpoolTempFile.failed(OSError(errno.ENOSPC, refusal))
+            stream = SpoolTempFile.failed(SpoolFull(refusal))
         else:
             try:
                 stream = self.ctx.new_stream()
@@ -456,7 +486,7 @@ class FastPath:
                 stream = SpoolTempFile.failed(exc)
         stream.write(meta)
         return _Store(arrival, context_id, _US.unpack(message_id)[0], sop_class, sop_instance,
-                      stream, len(meta))
+                      stream, len(meta), gated)
 
     def _finish(self, current: _Store) -> None:
         """The dataset is complete: make it durable, answer, then enqueue."""
@@ -465,7 +495,9 @@ class FastPath:
             if self._store is not current:
                 return  # abandoned meanwhile
             self._store = None
-        status, receipt = store(self.ctx, current.arrival, current.received)
+        # the spool's limits were asked at the command set (:meth:`_begin`), and a refused
+        # stream fails here: store() need not ask again
+        status, receipt = store(self.ctx, current.arrival, current.received, current.gated)
         if receipt is None:
             current.discard()
         else:
@@ -478,7 +510,8 @@ class FastPath:
     def _respond(self, current: _Store, status: int) -> None:
         response = store_response(current.sop_class, current.sop_instance, current.message_id,
                                   status)
-        max_pdu = int(self.dul.assoc.requestor.maximum_length or 0)
+        parties = self._parties
+        max_pdu = parties.peer_max_pdu if parties is not None else 0
         transport = self.dul.transport
         if transport is not None:
             transport.send(command_pdus(current.context_id, response, max_pdu))

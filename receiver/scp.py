@@ -308,7 +308,7 @@ def start(settings: Settings, listen_fd: int | None = None,
     # the publisher process and the sweeper send to this spool's queue
     settings = settings.replace(spool_id=settings.spool_id or spool.identity())
     queue = queue_for(settings.spool_id)
-    spool.temp_files = TempFilePool(spool.tmp)
+    spool.temp_files = TempFilePool(spool.tmp_dir)
     spool.temp_files.start()
     # Stream every incoming dataset to a temp file on the spool filesystem, so memory does not
     # grow with instance size and the finished file can be renamed into the spool.

@@ -145,6 +145,9 @@ def main() -> int:
                             settings.study_stable_seconds, archive_prefix(settings.archive_url),
                             StudyCounters())
     parent = os.getppid()
+    # the first pass at once: opening the catalog (its migrations) is start-up work, done
+    # before the associations come rather than in the middle of them
+    stabiliser.safe_once()
     while not stop.wait(stabiliser.interval) and os.getppid() == parent:
         stabiliser.safe_once()
     stop.finished()

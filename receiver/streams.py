@@ -55,14 +55,17 @@ class SpoolTempFile:
     It takes the CRC-32 of what passes through (the receipt's checksum, see
     :class:`ingest.spool.Crc32`), so the handler need not read the file back.
 
-    The file is written through the page cache, and the kernel is asked to start writing it
-    back as it grows (:func:`start_writeback`): the fsync before the answer finds most of it
-    on the disk already, and a worker on the same machine reads it from memory.
+    The file is written through the page cache with plain ``write`` calls (small writes, such
+    as pynetdicom's File Meta element by element, are gathered first), and the kernel is
+    asked to start writing it back as it grows (:func:`start_writeback`): the fsync before
+    the answer finds most of it on the disk already, and a worker on the same machine reads
+    it from memory.
     """
 
     HEAD = 256  # enough of the start to find where the File Meta ends
+    GATHER = 16 * 1024  # writes shorter than this wait to go out with the next ones
 
-    def __init__(self, directory: Path, temp: TempFile | None = None) -> None:
+    def __init__(self, directory: Path | str, temp: TempFile | None = None) -> None:
         if temp is None:
             temp = create_temp(directory)
         self.name = temp.path
@@ -73,43 +76,49 @@ class SpoolTempFile:
         self.head = b""
         self._kicked = 0  # bytes handed to start_writeback so far
         self._fd = temp.fd
-        self._fh: Any = os.fdopen(temp.fd, "wb")
+        self._gathered: list[bytes] = []  # short writes not yet handed to the kernel
+        self._gathered_size = 0
 
     @classmethod
     def failed(cls, error: OSError) -> SpoolTempFile:
         """One that could not even be created: it swallows what is written and raises
         ``error`` at :meth:`finish`."""
         stream = cls.__new__(cls)
-        stream.name, stream._fh, stream._fd = "", None, -1
+        stream.name, stream._fd = "", -1
         stream.file = stream
         stream.error, stream.crc, stream.size, stream.head = error, Crc32(), 0, b""
-        stream._kicked = 0
+        stream._kicked, stream._gathered, stream._gathered_size = 0, [], 0
         return stream
 
     def write(self, data: bytes | memoryview) -> int:
+        length = len(data)
         if self.error is None:
-            try:
-                self._fh.write(data)
-            except OSError as exc:
-                self.error = exc
-                return len(data)
             self.crc.update(data)  # cheap with ISA-L, and saves reading the file back
-            self.size += len(data)
+            self.size += length
             if len(self.head) < self.HEAD:
                 self.head += bytes(data[: self.HEAD - len(self.head)])
-            if self.size - self._kicked >= WRITEBACK_STEP:
+            if length < self.GATHER:
+                self._gathered.append(bytes(data))
+                self._gathered_size += length
+                if self._gathered_size >= self.GATHER or len(self._gathered) >= 64:
+                    self.flush()
+            else:
+                self._gathered.append(data)  # type: ignore[arg-type]
+                self.flush()
+            if self.error is None and self.size - self._kicked >= WRITEBACK_STEP:
                 self._start_writeback()
-        return len(data)
+        return length
 
     def _start_writeback(self) -> None:
         """Have the kernel start writing what has arrived so far, while the rest arrives:
         the fsync before the answer then waits for the tail only. A hint; errors surface
         at fsync."""
-        try:
-            self._fh.flush()
-            start_writeback(self._fd, self._kicked, self.size - self._kicked)
-        except OSError as exc:
-            self.error = exc
+        self.flush()
+        if self.error is None:
+            try:
+                start_writeback(self._fd, self._kicked, self.size - self._kicked)
+            except OSError as exc:
+                self.error = exc
         self._kicked = self.size
 
     @property
@@ -125,19 +134,23 @@ class SpoolTempFile:
             raise self.error
 
     def flush(self) -> None:
-        """Hand what is buffered to the kernel."""
-        if self.error is None and self._fh is not None:
-            try:
-                self._fh.flush()
-            except OSError as exc:
-                self.error = exc
+        """Hand what is gathered to the kernel (one ``writev``)."""
+        chunks, self._gathered, self._gathered_size = self._gathered, [], 0
+        if self.error is not None or not chunks:
+            return
+        try:
+            written = os.writev(self._fd, chunks)
+            total = sum(len(chunk) for chunk in chunks)
+            if written < total:  # the kernel took part of it: write the rest plainly
+                rest = memoryview(b"".join(bytes(chunk) for chunk in chunks))[written:]
+                while rest:
+                    rest = rest[os.write(self._fd, rest):]
+        except OSError as exc:
+            self.error = exc
 
     def close(self) -> None:
-        if self._fh is not None:
-            with contextlib.suppress(OSError):
-                self._fh.close()
-            self._fh = None
-        elif self._fd >= 0:
+        self._gathered, self._gathered_size = [], 0
+        if self._fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
         self._fd = -1
@@ -155,7 +168,7 @@ class Streams:
     def __call__(self, *args: Any, **kwargs: Any) -> SpoolTempFile:
         spool = self.spool
         temp = spool.temp_files.take() if spool.temp_files is not None else None
-        return SpoolTempFile(spool.tmp, temp)
+        return SpoolTempFile(spool.tmp_dir, temp)
 
 
 def install(streams: Streams) -> None:
