@@ -176,7 +176,24 @@ class StabiliserProcess:
 
     def start(self) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "receiver.stabiliser"],
-                                     env=self.env, stdin=subprocess.DEVNULL)
+                                     env=self.env, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait (up to ``timeout``) until the stabiliser has made its first pass, which opens
+        the catalog (imports and migrations: seconds of CPU): start-up work that then does
+        not land on the first associations. It says so with a line on its standard output;
+        a stabiliser that fails or ends says so too (the pipe closes)."""
+        if self.proc is None or self.proc.stdout is None:
+            return
+        out = self.proc.stdout
+        try:
+            ready, _, _ = select.select([out], [], [], timeout)
+            if not ready:
+                log.warning("study stabiliser not ready after %.0f s; serving without it",
+                            timeout)
+        finally:
+            out.close()
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -357,6 +374,7 @@ def start(settings: Settings, listen_fd: int | None = None,
     ]
     handlers += private_handlers(settings, context, metrics)
     ae = build_ae(settings)
+    stabiliser.wait_ready()
     if before_serving is not None:
         before_serving()
     server: Any

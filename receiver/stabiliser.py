@@ -11,7 +11,9 @@ received before then, of whatever study, holds it back until a worker has finish
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -112,13 +114,21 @@ class Stabiliser:
         return result
 
 
+def ready() -> None:
+    """Tell the receiver that started this process that its first pass is done (a line on
+    standard output, which is then let go: the receiver reads only that line)."""
+    with contextlib.suppress(OSError):
+        os.write(1, b"ready\n")
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+
+
 def main() -> int:
     """The stabiliser as a process of its own, which the receiver's first process starts
     (``python -m receiver.stabiliser``, settings in its environment): its catalog work then
     takes no CPU time or GIL from the associations. It ends on SIGTERM or SIGINT, or when
     the receiver that started it is gone."""
-    import os
-
     from ingest import logs
     from ingest.broker import archive_queue, make_celery, publish_event
     from ingest.catalog import Catalog, catalog_url
@@ -146,8 +156,9 @@ def main() -> int:
                             StudyCounters())
     parent = os.getppid()
     # the first pass at once: opening the catalog (its migrations) is start-up work, done
-    # before the associations come rather than in the middle of them
+    # before the receiver serves (it waits for the line below) rather than amid associations
     stabiliser.safe_once()
+    ready()
     while not stop.wait(stabiliser.interval) and os.getppid() == parent:
         stabiliser.safe_once()
     stop.finished()
