@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
@@ -159,6 +160,18 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+#: the newest migration in ``ingest/migrations/versions`` (a unit test keeps them one)
+HEAD_REVISION = "0002"
+
+
+def schema_revision(connection: sa.Connection) -> str | None:
+    """The migration the catalog's schema is at; None before the first."""
+    if not sa.inspect(connection).has_table("alembic_version"):
+        return None
+    value = connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+    return None if value is None else str(value)
+
+
 class Catalog:
     """The catalog's rows, read and written through one engine (open one per process)."""
 
@@ -190,6 +203,9 @@ class Catalog:
         return catalog
 
     def _upgrade(self) -> None:
+        with self.engine.connect() as connection:
+            if schema_revision(connection) == HEAD_REVISION:
+                return  # current: Alembic (seconds of imports) is not even loaded
         from ingest.migrations import upgrade
 
         if self.engine.dialect.name == "sqlite":
@@ -226,11 +242,37 @@ class Catalog:
 
     def _upsert(self, connection: sa.Connection, rows: Sequence[Row]) -> None:
         values = [{name: getattr(row, name) for name in _FIELDS} for row in rows]
+        connection.execute(self._instance_upsert, values)
+
+    # The statements a worker runs for every instance, built once: building one (its cache
+    # key above all) cost more CPU than running it.
+
+    @functools.cached_property
+    def _instance_upsert(self) -> Any:
         statement = self.insert(instances)
-        statement = statement.on_conflict_do_update(
+        return statement.on_conflict_do_update(
             index_elements=[instances.c.key],
             set_={name: statement.excluded[name] for name in _FIELDS if name != "key"})
-        connection.execute(statement, values)
+
+    @functools.cached_property
+    def _study_upsert(self) -> Any:
+        """A study opened (or re-opened) by an archived instance; parameters ``study_uid``,
+        ``state``, ``revision``, ``first_received_at``, ``last_received_at`` and
+        ``last_archived_at``."""
+        statement = self.insert(studies)
+        new, old = statement.excluded, studies.c
+        return statement.on_conflict_do_update(
+            index_elements=[old.study_uid],
+            set_={"state": OPEN,
+                  "last_archived_at": sa.case((new.last_archived_at > old.last_archived_at,
+                                               new.last_archived_at),
+                                              else_=old.last_archived_at),
+                  "first_received_at": sa.case((new.first_received_at < old.first_received_at,
+                                                new.first_received_at),
+                                               else_=old.first_received_at),
+                  "last_received_at": sa.case((new.last_received_at > old.last_received_at,
+                                               new.last_received_at),
+                                              else_=old.last_received_at)})
 
     def insert(self, table: sa.Table) -> Any:
         """An INSERT of this dialect, which knows ON CONFLICT."""
@@ -247,25 +289,12 @@ class Catalog:
         (or re-opened, after its event) with ``now`` as its last archive time: a worker that
         dies after this has told both, or neither."""
         now = time.time() if now is None else now
-        statement = self.insert(studies).values(
-            study_uid=row.study_uid, state=OPEN, revision=0, first_received_at=row.received_at,
-            last_received_at=row.received_at, last_archived_at=now)
-        new, old = statement.excluded, studies.c
-        statement = statement.on_conflict_do_update(
-            index_elements=[old.study_uid],
-            set_={"state": OPEN,
-                  "last_archived_at": sa.case((new.last_archived_at > old.last_archived_at,
-                                               new.last_archived_at),
-                                              else_=old.last_archived_at),
-                  "first_received_at": sa.case((new.first_received_at < old.first_received_at,
-                                                new.first_received_at),
-                                               else_=old.first_received_at),
-                  "last_received_at": sa.case((new.last_received_at > old.last_received_at,
-                                               new.last_received_at),
-                                              else_=old.last_received_at)})
+        study = {"study_uid": row.study_uid, "state": OPEN, "revision": 0,
+                 "first_received_at": row.received_at, "last_received_at": row.received_at,
+                 "last_archived_at": now}
         with _unreachable(self.url, "writing"), self.engine.begin() as connection:
             self._upsert(connection, [row])
-            connection.execute(statement)
+            connection.execute(self._study_upsert, study)
 
     def get(self, key: str) -> Row | None:
         """The row of ``key``, if there is one."""

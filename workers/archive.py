@@ -141,7 +141,10 @@ def open_archive(settings: Settings) -> tuple[Archive, str]:
 
 def safe_header(value: str) -> str:
     """Object metadata travels as HTTP headers: printable ASCII only."""
-    return "".join(c if " " <= c <= "~" else "?" for c in value)[:256]
+    value = value[:256]
+    if value.isascii() and value.isprintable():  # nearly always: no walk through it
+        return value
+    return "".join(c if " " <= c <= "~" else "?" for c in value)
 
 
 class LocalArchive:

@@ -3,6 +3,10 @@ keys, ``--since``. (The catalog itself, on SQLite and PostgreSQL: tests/integrat
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from ingest.catalog import ARCHIVED, catalog_url, engine_url
@@ -80,3 +84,28 @@ def test_since_takes_dates_times_and_durations() -> None:
     for bad in ("yesterday", "2h ago", "-1h", ""):
         with pytest.raises(argparse.ArgumentTypeError):
             since(bad)
+
+
+def test_the_head_revision_the_code_names_is_alembic_s() -> None:
+    from alembic.script import ScriptDirectory
+
+    from ingest.catalog import HEAD_REVISION
+    from ingest.migrations import config
+
+    assert ScriptDirectory.from_config(config()).get_current_head() == HEAD_REVISION
+
+
+def test_a_current_catalog_opens_without_alembic(tmp_path: Path) -> None:
+    """Alembic's imports take seconds of CPU; each worker process and the stabiliser open the
+    catalog, so a current one opens without them (a new one gets its schema from Alembic)."""
+    url = f"sqlite:///{tmp_path / 'catalog.sqlite'}"
+    probe = ("import sys; from ingest.catalog import Catalog, schema_revision, HEAD_REVISION; "
+             f"c = Catalog.open({url!r}); "
+             "print('alembic' in sys.modules, "
+             "schema_revision(c.engine.connect()) == HEAD_REVISION)")
+    root = Path(__file__).resolve().parents[2]
+    first, second = (subprocess.run([sys.executable, "-c", probe], cwd=root, check=True,
+                                    capture_output=True, text=True).stdout.split()
+                     for _ in range(2))
+    assert first == ["True", "True"]  # made by the migrations
+    assert second == ["False", "True"]

@@ -42,3 +42,17 @@ def test_receipt_ids_are_checked() -> None:
     for bad in ["../x", rid + "/", rid.upper(), 5, None, ""]:
         with pytest.raises(MessageError):
             check_receipt_id(bad)
+
+
+@pytest.mark.parametrize(("value", "header"), [
+    ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2"),
+    ("Müller^Anna", "M?ller^Anna"),
+    ("tab\there\x7f", "tab?here?"),
+    ("x" * 300, "x" * 256),
+    ("é" * 300, "?" * 256),
+    ("", ""),
+])
+def test_object_metadata_is_printable_ascii(value: str, header: str) -> None:
+    from workers.archive import safe_header
+
+    assert safe_header(value) == header
