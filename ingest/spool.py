@@ -308,8 +308,6 @@ class Spool:
         # the same as strings: the C-STORE path joins names to them once per instance
         self.entries_dir = str(self.entries)
         self.tmp_dir = str(self.tmp)
-        self._entries_fd = -1  # entries/ kept open for its fsyncs (see :meth:`commit`)
-        self._entries_lock = threading.Lock()
         self.temp_files: TempFilePool | None = None  # the receiver's, when it runs one
 
     def ensure(self) -> None:
@@ -365,21 +363,12 @@ class Spool:
                 temp = self.temp_files.take() if self.temp_files is not None else None
                 write_durable(Path(receipt_file), encoded, self.tmp, temp, sync=False)
             os.rename(received_file, dcm)
-            os.fsync(self._entries_directory())
+            fsync_dir(self.entries_dir)
         except BaseException:
             for path in (dcm, receipt_file):
                 with contextlib.suppress(OSError):
                     os.unlink(path)
             raise
-
-    def _entries_directory(self) -> int:
-        """``entries/``, open (once) for the fsync that makes each rename durable."""
-        if self._entries_fd < 0:
-            with self._entries_lock:
-                if self._entries_fd < 0:
-                    self._entries_fd = os.open(self.entries_dir,
-                                               os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        return self._entries_fd
 
     @staticmethod
     def _seal(path: Path | str, encoded: bytes, fd: int = -1) -> bool:

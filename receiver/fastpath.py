@@ -23,6 +23,7 @@ fast path off.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import struct
@@ -32,15 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from receiver import internals, limits, statuses
-from receiver.handlers import (
-    Arrival,
-    Received,
-    SpoolFull,
-    StoreContext,
-    account,
-    hand_off,
-    store,
-)
+from receiver.handlers import Arrival, Received, StoreContext, account, hand_off, store
 from receiver.reactors import wait_readable
 from receiver.streams import SpoolTempFile
 
@@ -207,7 +200,7 @@ class _Store:
 
     def __init__(self, arrival: Arrival, context_id: int, message_id: int,
                  sop_class: bytes, sop_instance: bytes, stream: SpoolTempFile,
-                 meta_length: int, gated: bool) -> None:
+                 meta_length: int) -> None:
         self.arrival = arrival
         self.context_id = context_id
         self.message_id = message_id
@@ -215,7 +208,6 @@ class _Store:
         self.sop_instance = sop_instance
         self.stream = stream
         self.meta_length = meta_length
-        self.gated = gated  # the spool's limits were asked before the dataset arrived
 
     def received(self) -> Received:
         self.stream.finish()  # raises the first write error, if there was one
@@ -472,13 +464,12 @@ class FastPath:
         meta = file_meta(sop_class, sop_instance, transfer_syntax.encode(),
                          parties.implementation_uid, parties.implementation_version,
                          parties.calling_ae, parties.called_ae, parties.meta_tail)
-        gated = True
         try:
             refusal = self.ctx.gate.refusal()
         except Exception:  # store() asks again, and answers for it
-            refusal, gated = None, False
+            refusal = None
         if refusal is not None:  # past a spool limit: the dataset is not written at all
-            stream = SpoolTempFile.failed(SpoolFull(refusal))
+            stream = SpoolTempFile.failed(OSError(errno.ENOSPC, refusal))
         else:
             try:
                 stream = self.ctx.new_stream()
@@ -486,7 +477,7 @@ class FastPath:
                 stream = SpoolTempFile.failed(exc)
         stream.write(meta)
         return _Store(arrival, context_id, _US.unpack(message_id)[0], sop_class, sop_instance,
-                      stream, len(meta), gated)
+                      stream, len(meta))
 
     def _finish(self, current: _Store) -> None:
         """The dataset is complete: make it durable, answer, then enqueue."""
@@ -495,9 +486,7 @@ class FastPath:
             if self._store is not current:
                 return  # abandoned meanwhile
             self._store = None
-        # the spool's limits were asked at the command set (:meth:`_begin`), and a refused
-        # stream fails here: store() need not ask again
-        status, receipt = store(self.ctx, current.arrival, current.received, current.gated)
+        status, receipt = store(self.ctx, current.arrival, current.received)
         if receipt is None:
             current.discard()
         else:

@@ -10,7 +10,6 @@ Handlers are plain functions; what they need arrives as the extra argument of th
 
 from __future__ import annotations
 
-import errno
 import logging
 import struct
 import time
@@ -62,12 +61,8 @@ class Received(NamedTuple):
     fd: int = -1  # the file still open, for the commit's fsync; -1: the commit opens it
 
 
-class SpoolFull(OSError):
-    """Back-pressure: the spool is below its free-space floor or past a depth or age limit
-    (an OSError, ENOSPC, so that a stream refused before its dataset arrived can carry it)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(errno.ENOSPC, reason)
+class SpoolFull(Exception):
+    """Back-pressure: the spool is below its free-space floor or past a depth or age limit."""
 
 
 def handle_echo(event: Any) -> int:
@@ -115,18 +110,16 @@ def handle_store(event: Any, ctx: StoreContext) -> int:
     return status
 
 
-def store(ctx: StoreContext, arrival: Arrival, received: Callable[[], Received],
-          gated: bool = False) -> tuple[int, Receipt | None]:
+def store(ctx: StoreContext, arrival: Arrival,
+          received: Callable[[], Received]) -> tuple[int, Receipt | None]:
     """Make one arrived instance durable in the spool: the status to answer and the receipt.
 
     ``received`` finishes writing the received file and says what it is; the spool's commit
-    fsyncs it with its receipt. The spool's limits (``ctx.gate``) are asked first, unless
-    ``gated``: the caller asked them before the dataset arrived, and wrote nothing when they
-    refused (``received`` then raises the refusal as an ``ENOSPC`` OSError).
+    fsyncs it with its receipt.
     No exception leaves this function.
     """
     try:
-        refusal = None if gated else ctx.gate.refusal()
+        refusal = ctx.gate.refusal()
         if refusal is not None:
             raise SpoolFull(refusal)
         path, size, crc32, offset, fd = received()
@@ -148,7 +141,7 @@ def store(ctx: StoreContext, arrival: Arrival, received: Callable[[], Received],
         ctx.gate.stored()
     except SpoolFull as exc:
         log.warning("C-STORE status=0xA700 calling=%s sop=%.80s: %s", arrival.calling,
-                    arrival.sop_instance_uid, exc.strerror)
+                    arrival.sop_instance_uid, exc)
         return statuses.OUT_OF_RESOURCES, None
     except OSError as exc:
         log.error("C-STORE status=0xA700 calling=%s sop=%.80s: spool write failed: %s",

@@ -179,19 +179,31 @@ class StabiliserProcess:
                                      env=self.env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE)
 
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        """Wait (up to ``timeout``) until the stabiliser has made its first pass, which opens
-        the catalog (imports and migrations: seconds of CPU): start-up work that then does
-        not land on the first associations. It says so with a line on its standard output;
-        a stabiliser that fails or ends says so too (the pipe closes)."""
+    def wait_ready(self, timeout: float = 10.0,
+                   stopping: Callable[[], bool] = lambda: False) -> None:
+        """Wait (up to ``timeout``, or until ``stopping()``) until the stabiliser has made its
+        first pass, which opens the catalog (imports, migrations: seconds of CPU): start-up
+        work that then does not land on the first associations. It says so with a line on
+        its standard output. A catalog that is down fails that pass within its connect
+        timeout; the receiver serves all the same."""
         if self.proc is None or self.proc.stdout is None:
             return
         out = self.proc.stdout
+        deadline = time.monotonic() + timeout
         try:
-            ready, _, _ = select.select([out], [], [], timeout)
-            if not ready:
-                log.warning("study stabiliser not ready after %.0f s; serving without it",
-                            timeout)
+            while not stopping():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("study stabiliser not ready after %.0f s; serving meanwhile",
+                                timeout)
+                    return
+                if select.select([out], [], [], min(left, 0.25))[0]:
+                    if out.readline() != b"ready\n":  # the pipe closed: it ended
+                        with contextlib.suppress(subprocess.TimeoutExpired):
+                            self.proc.wait(2)
+                        log.error("study stabiliser ended at start (exit status %s); "
+                                  "serving without it", self.proc.returncode)
+                    return
         finally:
             out.close()
 
@@ -316,7 +328,8 @@ class Receiver:
 
 
 def start(settings: Settings, listen_fd: int | None = None,
-          before_serving: Callable[[], None] | None = None) -> Receiver:
+          before_serving: Callable[[], None] | None = None,
+          stopping: Callable[[], bool] = lambda: False) -> Receiver:
     """Start listening (non-blocking) with the publisher and the periodic sweeper. With
     ``listen_fd``, serve that listening socket, which other receiver processes share.
     ``before_serving`` runs once everything is built, just before this process serves."""
@@ -374,7 +387,7 @@ def start(settings: Settings, listen_fd: int | None = None,
     ]
     handlers += private_handlers(settings, context, metrics)
     ae = build_ae(settings)
-    stabiliser.wait_ready()
+    stabiliser.wait_ready(stopping=stopping)
     if before_serving is not None:
         before_serving()
     server: Any
@@ -434,7 +447,8 @@ def _run(settings: Settings, metrics_dir: Path | None) -> int:
             extra.extend(_start_others(settings, shared_fd, processes, metrics_dir))
 
     try:
-        receiver = start(settings, listen_fd, before_serving=start_others)
+        receiver = start(settings, listen_fd, before_serving=start_others,
+                         stopping=lambda: stop.requested)
     except BaseException:  # none left serving the socket without this process
         for proc in extra:
             proc.kill()

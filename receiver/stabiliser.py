@@ -1,5 +1,6 @@
 """The stabiliser: finds studies that have become stable, puts their events in the outbox, and
-sends due events to the workers. One thread in the first receiver process of each spool.
+sends due events to the workers. A process of its own, started by the first receiver process
+of each spool (:func:`main`).
 
 A study is stable when it has had no newly archived instance for ``INGEST_STUDY_STABLE_SECONDS``
 and none of its instances can still be in a spool. A receipt does not name its study (the
@@ -115,10 +116,13 @@ class Stabiliser:
 
 
 def ready() -> None:
-    """Tell the receiver that started this process that its first pass is done (a line on
-    standard output, which is then let go: the receiver reads only that line)."""
-    with contextlib.suppress(OSError):
-        os.write(1, b"ready\n")
+    """Tell the receiver that started this process that its first pass is done: a line on
+    standard output, a pipe the receiver reads that line from and then closes (so standard
+    output is /dev/null from here on)."""
+    try:
+        with contextlib.suppress(OSError):  # the receiver stopped waiting, or is gone
+            os.write(1, b"ready\n")
+    finally:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
         os.close(devnull)

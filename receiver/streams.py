@@ -55,11 +55,11 @@ class SpoolTempFile:
     It takes the CRC-32 of what passes through (the receipt's checksum, see
     :class:`ingest.spool.Crc32`), so the handler need not read the file back.
 
-    The file is written through the page cache with plain ``write`` calls (small writes, such
-    as pynetdicom's File Meta element by element, are gathered first), and the kernel is
-    asked to start writing it back as it grows (:func:`start_writeback`): the fsync before
-    the answer finds most of it on the disk already, and a worker on the same machine reads
-    it from memory.
+    The file is written through the page cache with plain ``write`` calls (a short write, such
+    as the fast path's File Meta, waits to go out with the next in one ``writev``), and the
+    kernel is asked to start writing it back as it grows (:func:`start_writeback`): the fsync
+    before the answer finds most of it on the disk already, and a worker on the same machine
+    reads it from memory.
     """
 
     HEAD = 256  # enough of the start to find where the File Meta ends

@@ -1,8 +1,13 @@
 import copy
+import logging
 import os
+import subprocess
+import sys
+
+import pytest
 
 from ingest.settings import Settings
-from receiver.scp import SharedContexts, build_ae
+from receiver.scp import SharedContexts, StabiliserProcess, build_ae
 
 
 def test_a_deep_copy_of_the_supported_contexts_shares_them() -> None:
@@ -66,3 +71,44 @@ def test_one_receiver_process_per_usable_core_by_default(settings: Settings) -> 
         assert receiver_processes(settings.replace(receiver_processes=0)) == 1
     finally:
         os.sched_setaffinity(0, before)
+
+
+
+def _stabiliser(script: str) -> StabiliserProcess:
+    stabiliser = StabiliserProcess(Settings())
+    stabiliser.proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    return stabiliser
+
+
+def test_the_receiver_serves_once_the_stabiliser_says_it_is_ready(
+        caplog: pytest.LogCaptureFixture) -> None:
+    stabiliser = _stabiliser("import os, time; time.sleep(0.5); os.write(1, b'ready\\n');"
+                             " time.sleep(60)")
+    stabiliser.wait_ready(timeout=30)  # after 30 s it would log that it is not ready
+    assert stabiliser.proc is not None and stabiliser.proc.poll() is None
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    stabiliser.stop()
+
+
+def test_a_stabiliser_that_ends_at_start_is_logged_and_not_waited_for(
+        caplog: pytest.LogCaptureFixture) -> None:
+    stabiliser = _stabiliser("import sys; sys.exit(3)")
+    with caplog.at_level(logging.INFO, logger="dicom_ingest"):
+        stabiliser.wait_ready(timeout=30)
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(messages) == 1 and "ended at start (exit status 3)" in messages[0], messages
+
+
+def test_a_stop_ends_the_wait_for_the_stabiliser(caplog: pytest.LogCaptureFixture) -> None:
+    stabiliser = _stabiliser("import time; time.sleep(60)")
+    asked = [0]
+
+    def stopping() -> bool:
+        asked[0] += 1
+        return asked[0] > 3
+
+    with caplog.at_level(logging.INFO, logger="dicom_ingest"):
+        stabiliser.wait_ready(timeout=30, stopping=stopping)
+    assert asked[0] == 4  # not the 30 s (and its warning) a stop would otherwise wait
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    stabiliser.stop()

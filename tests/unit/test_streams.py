@@ -64,3 +64,16 @@ def test_a_stream_that_could_not_be_created_fails_at_finish(tmp_path: Path) -> N
     assert raised.value.errno == errno.ENOSPC
     stream.close()
     assert stream.fd == -1
+
+
+def test_a_short_write_is_kept_though_its_buffer_is_reused(tmp_path: Path) -> None:
+    """The fast path reads every fragment into one reused buffer: a short write waits to go
+    out with the next, so it must not keep a view of that buffer."""
+    stream = SpoolTempFile(tmp_path)
+    buffer = bytearray(b"a" * 100)
+    stream.write(memoryview(buffer))
+    buffer[:] = b"b" * 100
+    stream.write(memoryview(buffer))
+    stream.finish()
+    stream.close()
+    assert Path(stream.name).read_bytes() == b"a" * 100 + b"b" * 100
