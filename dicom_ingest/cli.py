@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     receiver = sub.add_parser("receiver", help="run the Storage SCP (C-STORE, C-ECHO)")
     _scp(receiver)
     _common(receiver)
+    _catalog(receiver)  # Storage Commitment and the study stabiliser read it
 
     worker = sub.add_parser("worker", help="run a Celery worker that archives spool entries")
     _common(worker)

@@ -138,12 +138,7 @@ def quarantine_list(settings: Settings, as_json: bool) -> int:
 
     archive, prefix = open_archive(settings)
     rows = records(archive, prefix)
-    if as_json:
-        for r in rows:
-            print(json.dumps(r.__dict__))
-        return 0
-    if not rows:
-        print("quarantine is empty")
+    if _printed_plainly(rows, as_json, "quarantine is empty"):
         return 0
     print(f"{'receipt id':33} {'reason':25} {'sender':16} {'received (UTC)':20} SOP Instance UID")
     for r in rows:
@@ -208,10 +203,13 @@ def find(settings: Settings, as_json: bool, limit: int | None = None,
 
 def studies(settings: Settings, as_json: bool, limit: int = 50) -> int:
     """The studies last received, newest first, with their state and latest event."""
-    from ingest.studies import Studies
+    from ingest.studies import Studies, StudyStatus
 
-    read = _read_catalog(settings, lambda catalog: (Studies(catalog).recent(limit),
-                                                    Studies(catalog).pending_count()))
+    def recent(catalog: Catalog) -> tuple[list[StudyStatus], int]:
+        found = Studies(catalog)
+        return found.recent(limit), found.pending_count()
+
+    read = _read_catalog(settings, recent)
     if read is None:
         return 1
     found, pending = read

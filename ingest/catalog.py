@@ -153,10 +153,10 @@ def _unreachable(url: str, what: str) -> Iterator[None]:
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    # WAL: readers never block the writer; several worker processes write one at a time
+    # WAL: readers never block the writer; several worker processes write one at a time (each
+    # waits up to SQLITE_BUSY_TIMEOUT, the connection's ``timeout``)
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT * 1000}")
     cursor.close()
 
 
@@ -237,7 +237,7 @@ class Catalog:
         """:meth:`record` for each of ``rows``, in one transaction."""
         if not rows:
             return
-        with _unreachable(self.url, "writing"), self.engine.begin() as connection:
+        with self.transaction() as connection:
             self._upsert(connection, rows)
 
     def _upsert(self, connection: sa.Connection, rows: Sequence[Row]) -> None:
@@ -292,7 +292,7 @@ class Catalog:
         study = {"study_uid": row.study_uid, "state": OPEN, "revision": 0,
                  "first_received_at": row.received_at, "last_received_at": row.received_at,
                  "last_archived_at": now}
-        with _unreachable(self.url, "writing"), self.engine.begin() as connection:
+        with self.transaction() as connection:
             self._upsert(connection, [row])
             connection.execute(self._study_upsert, study)
 
@@ -346,7 +346,7 @@ class Catalog:
         """Delete the rows of ``keys``; how many there were."""
         wanted = sorted(set(keys))
         removed = 0
-        with _unreachable(self.url, "writing"), self.engine.begin() as connection:
+        with self.transaction() as connection:
             for start in range(0, len(wanted), _CHUNK):
                 result = connection.execute(
                     sa.delete(instances).where(instances.c.key.in_(wanted[start:start + _CHUNK])))

@@ -289,7 +289,12 @@ def handle_action(event: Any, ctx: CommitmentContext) -> tuple[int, Dataset | No
             peer=f"{assoc.requestor.address}:{assoc.requestor.port}",
             received_at=time.time(), references=references)
         owner = ctx.requests.own(txn)
-        ctx.requests.save(commitment)
+        try:
+            ctx.requests.save(commitment)
+        except BaseException:  # not saved: nobody may hold its lock (the sender retries it)
+            if owner >= 0:
+                os.close(owner)
+            raise
         if owner >= 0:
             with ctx.lock:
                 ctx.open[txn] = (assoc, owner)
@@ -378,15 +383,17 @@ class Committer:
                 mine = None
             if mine is None and request.next_attempt_at > at:
                 continue
-            outcome = decide(request, self._lookup(), at, self.timeout)
-            if outcome.pending:
-                continue
             if mine is not None:
-                self._report_on(request, outcome, mine[0])
+                outcome = decide(request, self._lookup(), at, self.timeout)
+                if not outcome.pending:
+                    self._report_on(request, outcome, mine[0])
                 continue
+            # claimed first: the catalog is asked only by the process that may report
             with requests.claim(txn) as claimed:
                 if claimed:
-                    self._report_new(request, outcome, at)
+                    outcome = decide(request, self._lookup(), at, self.timeout)
+                    if not outcome.pending:
+                        self._report_new(request, outcome, at)
 
     def _report_on(self, request: Request, outcome: Outcome, assoc: Any) -> None:
         """On the requesting association, which this process holds."""

@@ -146,14 +146,21 @@ def file_meta_tail(implementation_uid: bytes, implementation_version: bytes,
     ))
 
 
+_PREAMBLE = b"\0" * 128 + b"DICM"
+
+
 def file_meta(sop_class: bytes, sop_instance: bytes, transfer_syntax: bytes,
               implementation_uid: bytes, implementation_version: bytes,
-              source_ae: bytes, receiving_ae: bytes, tail: bytes | None = None) -> bytes:
-    """Preamble, ``DICM`` and the File Meta group (explicit VR little endian). ``tail``: the
-    :func:`file_meta_tail` of the last four arguments, where it was made already."""
-    if tail is None:
-        tail = file_meta_tail(implementation_uid, implementation_version, source_ae,
-                              receiving_ae)
+              source_ae: bytes, receiving_ae: bytes) -> bytes:
+    """Preamble, ``DICM`` and the File Meta group (explicit VR little endian)."""
+    return _file_meta(sop_class, sop_instance, transfer_syntax,
+                      file_meta_tail(implementation_uid, implementation_version, source_ae,
+                                     receiving_ae))
+
+
+def _file_meta(sop_class: bytes, sop_instance: bytes, transfer_syntax: bytes,
+               tail: bytes) -> bytes:
+    """:func:`file_meta` with its association's part (:func:`file_meta_tail`) made already."""
     body = b"".join((
         _META_VERSION,
         _meta_element(0x0002, b"UI", _even(sop_class, b"\0")),
@@ -161,7 +168,7 @@ def file_meta(sop_class: bytes, sop_instance: bytes, transfer_syntax: bytes,
         _meta_element(0x0010, b"UI", _even(transfer_syntax, b"\0")),
         tail,
     ))
-    return b"\0" * 128 + b"DICM" + _meta_element(0x0000, b"UL", struct.pack("<I", len(body))) + body
+    return _PREAMBLE + _meta_element(0x0000, b"UL", struct.pack("<I", len(body))) + body
 
 
 @dataclass(frozen=True)
@@ -172,27 +179,20 @@ class _Parties:
     calling: str
     called: str
     peer: str
-    implementation_uid: bytes
-    implementation_version: bytes
-    calling_ae: bytes  # as the File Meta carries them
-    called_ae: bytes
     peer_max_pdu: int  # the longest PDU the requestor takes (0: no limit)
-    meta_tail: bytes  # the File Meta elements made of the above (:func:`file_meta_tail`)
+    meta_tail: bytes  # the File Meta's elements about both ends (:func:`file_meta_tail`)
 
     @classmethod
     def of(cls, assoc: Any) -> _Parties:
         requestor, acceptor = assoc.requestor, assoc.acceptor
         calling = str(requestor.ae_title).strip()
         called = str(acceptor.ae_title).strip()
-        implementation_uid = str(acceptor.implementation_class_uid).encode()
-        implementation_version = str(acceptor.implementation_version_name or "").encode()[:16]
-        calling_ae = calling.encode("latin-1", "replace")[:16]
-        called_ae = called.encode("latin-1", "replace")[:16]
         return cls(calling, called, f"{requestor.address}:{requestor.port}",
-                   implementation_uid, implementation_version, calling_ae, called_ae,
                    int(requestor.maximum_length or 0),
-                   file_meta_tail(implementation_uid, implementation_version, calling_ae,
-                                  called_ae))
+                   file_meta_tail(str(acceptor.implementation_class_uid).encode(),
+                                  str(acceptor.implementation_version_name or "").encode()[:16],
+                                  calling.encode("latin-1", "replace")[:16],
+                                  called.encode("latin-1", "replace")[:16]))
 
 
 class _Store:
@@ -461,9 +461,7 @@ class FastPath:
             sop_instance_uid=sop_instance.decode("latin-1"),
             transfer_syntax=transfer_syntax,
         )
-        meta = file_meta(sop_class, sop_instance, transfer_syntax.encode(),
-                         parties.implementation_uid, parties.implementation_version,
-                         parties.calling_ae, parties.called_ae, parties.meta_tail)
+        meta = _file_meta(sop_class, sop_instance, transfer_syntax.encode(), parties.meta_tail)
         try:
             refusal = self.ctx.gate.refusal()
         except Exception:  # store() asks again, and answers for it

@@ -66,7 +66,8 @@ class PduLimits:
         self.dul = dul
         self.metrics = metrics
         self.refused = False  # once refused, nothing more is read: the connection closes
-        self._announced: int | None = None  # our maximum PDU length, once associated
+        # our maximum PDU length (0: none): pynetdicom sets it before the connection opens
+        self._announced = int(dul.assoc.acceptor.maximum_length or 0)
 
     def install(self) -> None:
         self.dul.replace_reader(self.read_pdu)
@@ -74,21 +75,11 @@ class PduLimits:
     def admit(self, pdu_type: int, length: int) -> bool:
         """May a PDU with this header be read now? If not, the association is aborted."""
         state = self.dul.state
-        reason = refusal(state, pdu_type, length, self._maximum(state))
+        reason = refusal(state, pdu_type, length, self._announced)
         if reason is None:
             return True
         self.refuse(reason, f"PDU type 0x{pdu_type:02X} of {length} bytes in {state}")
         return False
-
-    def _maximum(self, state: str) -> int:
-        """The maximum PDU length we announced (0: none): fixed once the association is
-        established, so looked up once, not for every PDU."""
-        if self._announced is not None:
-            return self._announced
-        announced = int(self.dul.assoc.acceptor.maximum_length or 0)
-        if state in _ASSOCIATED:
-            self._announced = announced
-        return announced
 
     def refuse(self, reason: str, what: str) -> None:
         """Count and log a protocol abort; pynetdicom sends the A-ABORT (invalid PDU) and

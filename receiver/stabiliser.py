@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,7 +46,8 @@ def interval(stable_seconds: float) -> float:
 
 
 class Stabiliser:
-    """:meth:`once` every :func:`interval` seconds on a daemon thread."""
+    """One pass (:meth:`once`) decides and sends; :func:`main` makes one every
+    :func:`interval` seconds."""
 
     def __init__(self, spool: Spool, spool_id: str, studies: Callable[[], Studies],
                  publish: Callable[[str], None], stable_seconds: float, prefix: str,
@@ -57,20 +57,6 @@ class Stabiliser:
         self.stable_seconds, self.prefix = stable_seconds, prefix
         self.metrics = metrics
         self.interval = interval(stable_seconds)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="stabiliser", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(10)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.safe_once()
 
     def safe_once(self) -> None:
         """:meth:`once`, whose failures wait for the next pass."""

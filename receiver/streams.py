@@ -63,7 +63,9 @@ class SpoolTempFile:
     """
 
     HEAD = 256  # enough of the start to find where the File Meta ends
-    GATHER = 16 * 1024  # writes shorter than this wait to go out with the next ones
+    # writes shorter than this (a File Meta, pynetdicom's preamble) wait to go out with the
+    # next; dataset fragments, 16 KB ones too, go out as they come, without a copy
+    GATHER = 4096
 
     def __init__(self, directory: Path | str, temp: TempFile | None = None) -> None:
         if temp is None:

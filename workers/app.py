@@ -19,7 +19,7 @@ from ingest.metrics import summed
 from ingest.settings import Settings, usable_cores
 from ingest.stopsignals import STOP_SIGNALS, ignore_stop_signals
 from workers import tasks
-from workers.archive import open_archive
+from workers.archive import Archive, open_archive
 from workers.events import Announcer
 from workers.inventory import CatalogLink
 from workers.pipeline import Pipeline
@@ -47,14 +47,23 @@ def create_app(settings: Settings) -> Celery:
     own = archive_queue(settings)
     app.conf.task_queues = (Queue(own), Queue(QUEUE))  # type: ignore[no-untyped-call]
     app.conf.task_default_queue = own
-    tasks.register(app, lambda: Pipeline.from_settings(settings), settings.task_max_retries)
-    tasks.register_events(app, lambda: announcer(settings))
+    # one archive client and one catalog per worker process, for both tasks
+    archive = tasks.per_process(lambda: open_archive(settings))
+    catalog = tasks.per_process(lambda: CatalogLink(catalog_url(settings)))
+    tasks.register(app, lambda: Pipeline.from_settings(settings, archive(), catalog()),
+                   settings.task_max_retries)
+    tasks.register_events(app, lambda: announcer(settings, archive()[0], catalog()))
     return app
 
 
-def announcer(settings: Settings) -> Announcer:
-    """The study events' deliverer ``settings`` describe."""
-    archive, _ = open_archive(settings)
+def announcer(settings: Settings, archive: Archive | None = None,
+              catalog: CatalogLink | None = None) -> Announcer:
+    """The study events' deliverer ``settings`` describe (with this archive client and
+    catalog, where the caller has them already)."""
+    if archive is None:
+        archive, _ = open_archive(settings)
+    if catalog is None:
+        catalog = CatalogLink(catalog_url(settings))
     # hook tasks go out through an app of their own: Celery adds a queue an app sends to
     # to that app's queues, and a worker that consumes all of its app's queues could then
     # take the hospital's tasks, which it does not know, from INGEST_ON_STUDY_QUEUE
@@ -64,7 +73,7 @@ def announcer(settings: Settings) -> Announcer:
         hooks.send_task(name, args=args, queue=queue, retry=True,
                         retry_policy={"max_retries": 2, "interval_start": 0.5})
 
-    return Announcer(archive, CatalogLink(catalog_url(settings)),
+    return Announcer(archive, catalog,
                      webhook=settings.on_study_webhook, secret=settings.webhook_secret,
                      task_name=settings.on_study_task, task_queue=settings.on_study_queue,
                      send_task=send_task)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import random
 import time
@@ -158,8 +159,6 @@ class Announcer:
             raise DeliveryError(f"the webhook answered HTTP {status}")
 
     def _send(self, event: Event) -> None:
-        import json
-
         if self.send_task is None:
             raise DeliveryError("no broker to send the task with")
         try:

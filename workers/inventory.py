@@ -102,31 +102,28 @@ class CatalogLink:
         self.url = url
         self._catalog: Catalog | None = None
 
-    def _open(self) -> Catalog:
+    def catalog(self) -> Catalog:
+        """The catalog itself, opened at first use (CatalogError when it cannot be reached)."""
         if self._catalog is None:
             self._catalog = Catalog.open(self.url)
         return self._catalog
 
-    def catalog(self) -> Catalog:
-        """The catalog itself (CatalogError when it cannot be reached)."""
-        return self._open()
-
     def record(self, row: Row) -> None:
         try:
-            self._open().record(row)
+            self.catalog().record(row)
         except CatalogError as exc:
             raise TransientError(str(exc)) from exc
 
     def record_archived(self, row: Row) -> None:
         """The row of a newly archived instance, its study opened or re-opened with it."""
         try:
-            self._open().record_archived(row)
+            self.catalog().record_archived(row)
         except CatalogError as exc:
             raise TransientError(str(exc)) from exc
 
     def has(self, key: str) -> bool:
         try:
-            return self._open().get(key) is not None
+            return self.catalog().get(key) is not None
         except CatalogError as exc:
             raise TransientError(str(exc)) from exc
 

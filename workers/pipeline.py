@@ -45,11 +45,15 @@ class Pipeline:
     catalog: CatalogLink | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Pipeline:
-        """The pipeline ``settings`` describe; the catalog opens at its first use."""
-        archive, prefix = open_archive(settings)
-        return cls(Spool(settings.spool_dir), archive, prefix, settings.duplicate_policy,
-                   settings.poison_max_attempts, catalog=CatalogLink(catalog_url(settings)))
+    def from_settings(cls, settings: Settings, archive: tuple[Archive, str] | None = None,
+                      catalog: CatalogLink | None = None) -> Pipeline:
+        """The pipeline ``settings`` describe; the catalog opens at its first use. A worker
+        process passes the archive (``open_archive``) and catalog it shares with its study
+        events."""
+        store, prefix = archive if archive is not None else open_archive(settings)
+        return cls(Spool(settings.spool_dir), store, prefix, settings.duplicate_policy,
+                   settings.poison_max_attempts,
+                   catalog=catalog if catalog is not None else CatalogLink(catalog_url(settings)))
 
     def close(self) -> None:
         """Release the catalog's connections (a worker process's exit does it too)."""
@@ -128,10 +132,11 @@ class Pipeline:
         """The catalog row of the instance archived as ``stored`` (its key and metadata), new
         to the catalog: its study is opened, or re-opened after its event, in the same
         transaction (an identical resend never gets here: it has its row already)."""
-        row = instance_row(stored, self.prefix)
-        if self.catalog is None or row is None:
+        if self.catalog is None:
             return
-        self.catalog.record_archived(row)
+        row = instance_row(stored, self.prefix)
+        if row is not None:
+            self.catalog.record_archived(row)
 
     def _duplicate(self, key: str, existing: StoredObject, receipt: Receipt,
                    sha256: str) -> str | None:

@@ -14,13 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from ingest.scu import associate
 from receiver import statuses
 from tests.processes import start_pipeline
-from tests.support import free_port, hostile_dataset, make_instance, raw_part10, wait_for
+from tests.support import (
+    commitment_request,
+    free_port,
+    hostile_dataset,
+    make_instance,
+    raw_part10,
+    wait_for,
+)
 from tests.support.dicom import encode_dataset
 
 pytestmark = pytest.mark.e2e
@@ -96,15 +102,7 @@ class Modality:
     def request(assoc: Any, references: list[tuple[str, str]],
                 transaction_uid: str | None = None, action_type: int = 1) -> tuple[str, int]:
         txn = generate_uid() if transaction_uid is None else transaction_uid
-        info = Dataset()
-        info.TransactionUID = txn
-        items = []
-        for sop_class, instance in references:
-            item = Dataset()
-            item.ReferencedSOPClassUID = sop_class
-            item.ReferencedSOPInstanceUID = instance
-            items.append(item)
-        info.ReferencedSOPSequence = items
+        info = commitment_request(txn, references)
         status, _ = assoc.send_n_action(info, action_type, COMMITMENT, WELL_KNOWN)
         return txn, int(status.Status)
 

@@ -21,8 +21,8 @@ from ingest.spool import Spool
 from ingest.studies import Studies
 from receiver.stabiliser import Stabiliser
 from tests.support import make_instance, spool_entry, wait_for
+from tests.support.catalog import T0, row
 from tests.support.consumers import hook_consumer, webhook
-from tests.unit.test_studies import T0, row
 from workers.pipeline import Outcome, Pipeline
 
 pytestmark = pytest.mark.integration

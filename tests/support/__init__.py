@@ -17,7 +17,7 @@ from tests.support.dicom import (
     split_part10,
     unique_copy,
 )
-from tests.support.senders import pynetdicom_send
+from tests.support.senders import commitment_request, pynetdicom_send
 from tests.support.services import (
     IN_CI,
     cli,
@@ -36,6 +36,7 @@ __all__ = [
     "CORPUS",
     "IN_CI",
     "cli",
+    "commitment_request",
     "corpus_source",
     "crc32",
     "dataset_bytes",

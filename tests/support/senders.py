@@ -35,3 +35,19 @@ def pynetdicom_send(port: int, files: Iterable[Path], calling: str = "PYNETDICOM
     finally:
         assoc.release()
     return statuses
+
+
+def commitment_request(transaction_uid: str,
+                       references: Iterable[tuple[str, str]]) -> pydicom.Dataset:
+    """A Storage Commitment N-ACTION's information: the transaction and each referenced
+    (SOP Class UID, SOP Instance UID)."""
+    info = pydicom.Dataset()
+    info.TransactionUID = transaction_uid
+    items = []
+    for sop_class, instance in references:
+        item = pydicom.Dataset()
+        item.ReferencedSOPClassUID = sop_class
+        item.ReferencedSOPInstanceUID = instance
+        items.append(item)
+    info.ReferencedSOPSequence = items
+    return info

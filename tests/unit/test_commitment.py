@@ -13,22 +13,14 @@ from pydicom.dataset import Dataset
 from ingest.catalog import ARCHIVED, QUARANTINED, Catalog, Row
 from receiver import commitment
 from receiver.commitment import Request, RequestError, decide, parse, report
+from tests.support import commitment_request
 
 CT, MR = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4"
 
 
 def information(txn: str = "1.2.3.4", refs: Iterable[tuple[str, str]] = ((CT, "1.2.3.5"),)
                 ) -> Dataset:
-    ds = Dataset()
-    ds.TransactionUID = txn
-    items = []
-    for sop_class, instance in refs:
-        item = Dataset()
-        item.ReferencedSOPClassUID = sop_class
-        item.ReferencedSOPInstanceUID = instance
-        items.append(item)
-    ds.ReferencedSOPSequence = items
-    return ds
+    return commitment_request(txn, refs)
 
 
 def test_a_well_formed_request_is_parsed() -> None:

@@ -4,7 +4,6 @@ attempts, with a recording HTTP stand-in)."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import hmac
 import json
@@ -13,27 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from ingest.catalog import ARCHIVED, QUARANTINED, Catalog, Row
+from ingest.catalog import QUARANTINED, Catalog
 from ingest.messages import MessageError, check_event_id
 from ingest.settings import SettingsError, from_env, known_variables
 from ingest.spool import Spool, new_receipt_id
 from ingest.studies import LEASE, SPOOL_FORGET, Studies, build_manifest, event_id, summary
 from receiver.stabiliser import Stabiliser
+from tests.support.catalog import STUDY, T0, row
 from workers.archive import LocalArchive
 from workers.events import SIGNATURE_HEADER, Announcer, sign
 from workers.inventory import CatalogLink
-
-STUDY = "1.2.826.0.1.3680043.10.99.1"
-T0 = 1_750_000_000.0
-
-
-def row(n: int, series: str = "1.2.3.1", **changes: object) -> Row:
-    made = Row(sop_instance_uid=f"1.2.3.{n}", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-               study_uid=STUDY, series_uid=series, key=f"{STUDY}/{series}/1.2.3.{n}.dcm",
-               size=100 + n, sha256=f"{n:064x}", transfer_syntax="1.2.840.10008.1.2.1",
-               calling_aet="CT1", receipt_id=f"20250101T000000-{n:016x}",
-               received_at=T0 + n, archived_at=T0 + n, state=ARCHIVED)
-    return dataclasses.replace(made, **changes)  # type: ignore[arg-type]
 
 
 @pytest.fixture
