@@ -354,6 +354,26 @@ class Catalog:
         return removed
 
 
+class LazyCatalog:
+    """A catalog opened at its first use, not before: a process that starts while the database
+    is down still does the rest of its work, and asks again at the next use (each call raises
+    CatalogError until the database answers)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._catalog: Catalog | None = None
+
+    def __call__(self) -> Catalog:
+        if self._catalog is None:
+            self._catalog = Catalog.open(self.url)
+        return self._catalog
+
+    def close(self) -> None:
+        if self._catalog is not None:
+            self._catalog.close()
+            self._catalog = None
+
+
 def as_row(raw: Any) -> Row:
     """A :class:`Row` from a result row of ``instances``."""
     return Row(**{name: getattr(raw, name) for name in _FIELDS})

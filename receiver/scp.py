@@ -38,7 +38,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from ingest import metrics as summed_metrics
 from ingest.broker import make_celery, publish, queue_length
-from ingest.catalog import Catalog, catalog_url
+from ingest.catalog import LazyCatalog, catalog_url
 from ingest.messages import queue_for
 from ingest.settings import Settings, environment, receiver_processes, redact_url
 from ingest.spool import Spool, TempFilePool
@@ -218,20 +218,6 @@ class StabiliserProcess:
             self.proc.wait()
 
 
-class Lookups:
-    """The catalog, opened at its first use by the committer or the stabiliser (not at start:
-    a database that is down must not keep the receiver from taking C-STOREs)."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self._catalog: Catalog | None = None
-
-    def __call__(self) -> Catalog:
-        if self._catalog is None:
-            self._catalog = Catalog.open(self.url)
-        return self._catalog
-
-
 def private_handlers(settings: Settings, context: StoreContext,
                      metrics: ReceiverMetrics) -> list[Any]:
     """The handlers that reach into pynetdicom's internals (:mod:`receiver.internals`): the
@@ -365,7 +351,7 @@ def start(settings: Settings, listen_fd: int | None = None,
     requests.ensure()
     commitments = commitment.CommitmentContext(requests, metrics.commitment)
     committer = commitment.Committer(
-        commitments, Lookups(catalog_url(settings)), settings.ae_title,
+        commitments, LazyCatalog(catalog_url(settings)), settings.ae_title,
         settings.commitment_peers, settings.commitment_timeout, settings.commitment_expiry,
         commitment.send_on_new_association)
     committer.start()

@@ -121,7 +121,7 @@ def main() -> int:
     the receiver that started it is gone."""
     from ingest import logs
     from ingest.broker import archive_queue, make_celery, publish_event
-    from ingest.catalog import Catalog, catalog_url
+    from ingest.catalog import LazyCatalog, catalog_url
     from ingest.keys import archive_prefix
     from ingest.settings import from_env
     from ingest.stopsignals import StopSignals
@@ -133,12 +133,10 @@ def main() -> int:
     spool = Spool(settings.spool_dir)
     queue = archive_queue(settings)
     app = make_celery(settings, "dicom-ingest-stabiliser")
-    opened: list[Catalog] = []
+    catalog = LazyCatalog(catalog_url(settings))
 
     def studies() -> Studies:
-        if not opened:
-            opened.append(Catalog.open(catalog_url(settings)))
-        return Studies(opened[0])
+        return Studies(catalog())
 
     stabiliser = Stabiliser(spool, settings.spool_id or spool.identity(), studies,
                             lambda event_id: publish_event(app, queue, event_id),

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ingest.catalog import ARCHIVED, QUARANTINED, Catalog, CatalogError, Row
+from ingest.catalog import ARCHIVED, QUARANTINED, Catalog, CatalogError, LazyCatalog, Row
 from ingest.keys import is_safe_uid, normalize_prefix
 from ingest.messages import is_receipt_id
 from workers.archive import Archive, StoredObject
@@ -99,14 +99,7 @@ class CatalogLink:
     reached is a :class:`TransientError`, like storage that is down."""
 
     def __init__(self, url: str) -> None:
-        self.url = url
-        self._catalog: Catalog | None = None
-
-    def catalog(self) -> Catalog:
-        """The catalog itself, opened at first use (CatalogError when it cannot be reached)."""
-        if self._catalog is None:
-            self._catalog = Catalog.open(self.url)
-        return self._catalog
+        self.catalog = LazyCatalog(url)  # CatalogError when it cannot be reached
 
     def record(self, row: Row) -> None:
         try:
@@ -128,9 +121,7 @@ class CatalogLink:
             raise TransientError(str(exc)) from exc
 
     def close(self) -> None:
-        if self._catalog is not None:
-            self._catalog.close()
-            self._catalog = None
+        self.catalog.close()
 
 
 @dataclass(frozen=True)

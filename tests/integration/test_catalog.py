@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 from pydicom.uid import generate_uid
 
-from ingest.catalog import ARCHIVED, QUARANTINED, Catalog, CatalogError, Row
+from ingest.catalog import ARCHIVED, QUARANTINED, Catalog, CatalogError, LazyCatalog, Row
 from ingest.settings import Settings, environment
 from tests.support import cli, make_instance, raw_part10, run, spool_entry
 from tests.support.postgres import PostgresServer
@@ -26,14 +26,6 @@ from workers.pipeline import Outcome, Pipeline
 pytestmark = pytest.mark.integration
 
 STUDY, SERIES = "1.2.826.0.1.3680043.10.77.1", "1.2.826.0.1.3680043.10.77.2"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A new, empty catalog database of each kind."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'catalog' / 'catalog.sqlite'}"
-    return str(request.getfixturevalue("postgres"))
 
 
 @pytest.fixture
@@ -195,6 +187,30 @@ def test_postgresql_outage_is_transient_and_keeps_the_spool(
     (row,) = catalog.find()
     assert row.receipt_id == receipt.receipt_id and row.state == ARCHIVED
     catalog.close()
+
+
+def test_a_lazy_catalog_opens_once_the_database_answers(
+        postgres: str, postgres_server: PostgresServer) -> None:
+    """What the receiver's committer and stabiliser and each worker hold: made while the
+    database is down, it fails at each use until the server is back, then opens once."""
+    postgres_server.stop()
+    try:
+        lazy = LazyCatalog(postgres)  # nothing is opened yet: no error
+        with pytest.raises(CatalogError):
+            lazy()
+        with pytest.raises(CatalogError):
+            lazy()
+    finally:
+        postgres_server.start()
+    catalog = lazy()
+    try:
+        assert lazy() is catalog
+        catalog.record(a_row(1))
+        assert [row.key for row in lazy().find()] == [a_row(1).key]
+    finally:
+        lazy.close()
+    assert lazy() is not catalog  # closed: the next use opens it again
+    lazy.close()
 
 
 def test_find_and_rebuild_on_the_command_line(
