@@ -186,9 +186,8 @@ class Catalog:
         if target.get_backend_name() == "sqlite":
             if target.database and target.database != ":memory:":
                 Path(target.database).parent.mkdir(parents=True, exist_ok=True)
-            # connections kept open between uses: closing the last connection to a WAL
-            # database checkpoints it, a cost every task would otherwise pay
-            engine = sa.create_engine(target, pool_size=1,
+            # a connection per use: nothing held open between tasks, nothing left to close
+            engine = sa.create_engine(target, poolclass=sa.NullPool,
                                       connect_args={"timeout": SQLITE_BUSY_TIMEOUT})
             sa.event.listen(engine, "connect", _sqlite_pragmas)
         else:
