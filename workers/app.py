@@ -56,14 +56,9 @@ def create_app(settings: Settings) -> Celery:
     return app
 
 
-def announcer(settings: Settings, archive: Archive | None = None,
-              catalog: CatalogLink | None = None) -> Announcer:
-    """The study events' deliverer ``settings`` describe (with this archive client and
-    catalog, where the caller has them already)."""
-    if archive is None:
-        archive, _ = open_archive(settings)
-    if catalog is None:
-        catalog = CatalogLink(catalog_url(settings))
+def announcer(settings: Settings, archive: Archive, catalog: CatalogLink) -> Announcer:
+    """The study events' deliverer ``settings`` describe, with the worker process's archive
+    client and catalog."""
     # hook tasks go out through an app of their own: Celery adds a queue an app sends to
     # to that app's queues, and a worker that consumes all of its app's queues could then
     # take the hospital's tasks, which it does not know, from INGEST_ON_STUDY_QUEUE
